@@ -1,0 +1,83 @@
+"""The `post-train` flow: prepare → base model → SFT → DPO → evaluate → register.
+
+Composition only: each stage is a task from `tasks/`. The flow validates the whole
+configuration before any work, opens the parent MLflow run the stages' runs hang under,
+and returns (and prints) a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from post_train.config import load_config
+from post_train.tracking import experiment_id, flatten, tracking_uri
+from tasks.dpo import dpo_task
+from tasks.evaluate import evaluate_task
+from tasks.prepare import prepare_task
+from tasks.pretrain import pretrain_task
+from tasks.register import register_task
+from tasks.sft import sft_task
+
+
+def _run_directory(runs_dir: str, recipe: str, run_name: str) -> Path:
+    directory = Path(runs_dir).resolve() / f"{time.strftime('%Y%m%d-%H%M%S')}-{recipe}-{run_name}"
+    directory.mkdir(parents=True, exist_ok=False)
+    return directory
+
+
+@flow(name="post-train", log_prints=True)
+def post_train(recipe: str = "lowlr", scale: str = "demo", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Post-train a model with `recipe` at `scale`; `overrides` maps dotted keys to values, e.g. {"sft.learning_rate": 1e-4}."""
+    config = load_config(recipe, scale, overrides)
+    run_name = flow_run.get_name() or "local"
+    run_dir = _run_directory(config.runs_dir, config.recipe, run_name)
+    (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+
+    client = MlflowClient(tracking_uri())
+    parent = client.create_run(
+        experiment_id(), run_name=f"{config.recipe}-{run_name}",
+        tags={"recipe": config.recipe, "scale": config.scale, "prefect_flow_run_id": str(flow_run.get_id())},
+    )
+    parent_id = parent.info.run_id
+    client.log_batch(parent_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(config.model_dump(mode="json")).items()])
+    client.log_artifact(parent_id, str(run_dir / "config.json"))
+    try:
+        data = prepare_task(config)
+        client.set_tag(parent_id, "data_hash", data.data_hash)
+        base = pretrain_task(config, data, parent_id)
+        sft = sft_task(config, base.path, data, str(run_dir), parent_id)
+        dpo = dpo_task(config, sft.path, data, str(run_dir), parent_id)
+        evaluation = evaluate_task(config, dpo.path, data, parent_id)
+        registration = register_task(config, dpo.path, evaluation.win_rate, data.data_hash, str(flow_run.get_id()), parent_id)
+    except BaseException:
+        client.set_terminated(parent_id, status="FAILED")
+        raise
+    for name, value in evaluation.metrics.items():
+        client.log_metric(parent_id, name, value)
+    client.set_terminated(parent_id, status="FINISHED")
+
+    summary = {
+        "recipe": config.recipe,
+        "scale": config.scale,
+        "data_hash": data.data_hash,
+        "base_model": {"path": base.path, "cache_hit": base.cache_hit, **base.metrics},
+        "sft": sft.metrics,
+        "dpo": dpo.metrics,
+        "evaluation": evaluation.metrics,
+        "mlflow_run_uri": f"runs:/{parent_id}",
+        "mlflow_run_id": parent_id,
+        "model_uri": registration.model_uri,
+        "model_version": registration.version,
+        "champion": registration.is_champion,
+        "run_dir": str(run_dir),
+    }
+    get_run_logger().info("summary:\n%s", json.dumps(summary, indent=2))
+    return summary

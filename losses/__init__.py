@@ -1,0 +1,30 @@
+"""Pure tensor functions for post-training objectives (the math: docs/objectives.md).
+
+- ``sft_objective(name, **hparams)``: SFT objectives as token-weight functions.
+- ``preference_loss(name, **hparams)``: DPO-family losses on summed response log-probs.
+- ``token_logprobs`` / ``token_entropy_and_kl``: chunked fp32 log-prob helpers.
+"""
+
+from losses.logprobs import token_entropy_and_kl, token_logprobs
+from losses.preference import (
+    PREFERENCE_LOSSES,
+    PreferenceLoss,
+    PreferenceOutput,
+    preference_loss,
+    preference_metrics,
+)
+from losses.sft import SFT_OBJECTIVES, SFTObjective, SFTOutput, sft_objective
+
+__all__ = [
+    "PREFERENCE_LOSSES",
+    "SFT_OBJECTIVES",
+    "PreferenceLoss",
+    "PreferenceOutput",
+    "SFTObjective",
+    "SFTOutput",
+    "preference_loss",
+    "preference_metrics",
+    "sft_objective",
+    "token_entropy_and_kl",
+    "token_logprobs",
+]

@@ -1,0 +1,1 @@
+"""post-train: an MLOps pipeline for LLM post-training."""

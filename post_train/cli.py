@@ -1,0 +1,79 @@
+"""`post-train`: run the flow from a shell and read its summary."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from post_train.config import ConfigError, available_recipes, available_scales, load_config, parse_overrides
+from post_train.tracking import flatten, tracking_uri
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    evaluation = summary["evaluation"]
+    splits = sorted({key.split("/", 1)[1] for key in evaluation if key.startswith("win_rate/")})
+    lines = [
+        "",
+        f"post-train finished: recipe {summary['recipe']} at scale {summary['scale']}",
+        f"  data hash (DVC)      {summary['data_hash']}",
+        f"  base model           {summary['base_model']['path']}"
+        + ("  (cached)" if summary["base_model"]["cache_hit"] else ""),
+        f"  SFT loss             {summary['sft']['loss_first']:.4f} -> {summary['sft']['loss_final']:.4f}"
+        f"   KL to base {summary['sft']['kl_to_base_final']:.4f}   entropy {summary['sft']['entropy_final']:.4f}",
+        f"  DPO loss             {summary['dpo']['loss_first']:.4f} -> {summary['dpo']['loss_final']:.4f}"
+        f"   reward accuracy {summary['dpo']['rewards/accuracies_final']:.2f}"
+        f"   margin {summary['dpo']['rewards/margins_final']:.3f}",
+        "  win rate vs reference (gold judge, %, ± standard error):",
+    ]
+    for split in splits:
+        lines.append(
+            f"    {split:<18} {evaluation[f'win_rate/{split}']:5.1f} ± {evaluation[f'win_rate_se/{split}']:.1f}"
+            f"   (n={int(evaluation[f'num_prompts/{split}'])}, gold reward {evaluation[f'gold_reward/{split}']:.3f}"
+            f" vs reference {evaluation[f'reference_gold_reward/{split}']:.3f})"
+        )
+    lines += [
+        f"  MLflow run           {summary['mlflow_run_uri']}",
+        f"  registered model     {summary['model_uri']}" + ("  (alias: champion)" if summary["champion"] else ""),
+        f"  run directory        {summary['run_dir']}",
+        "",
+        "Browse the results:",
+        f"  MLflow:  mlflow ui --backend-store-uri {tracking_uri()} --port 5000   (then http://127.0.0.1:5000)",
+        "  Prefect: prefect server start   (then http://127.0.0.1:4200; runs made without a server are kept",
+        "           in the same local database and show up there)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="post-train", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="run the post-train flow")
+    run_parser.add_argument("--recipe", default="lowlr", help=f"one of {available_recipes()} or a .yaml path")
+    run_parser.add_argument("--scale", default="demo", help=f"one of {available_scales()} or a .yaml path")
+    run_parser.add_argument(
+        "-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. -o sft.learning_rate=1e-4 (repeatable)",
+    )
+    commands.add_parser("recipes", help="list recipes and scales")
+    args = parser.parse_args(argv)
+
+    if args.command == "recipes":
+        print("recipes:", ", ".join(available_recipes()))
+        print("scales: ", ", ".join(available_scales()))
+        return 0
+    try:
+        overrides = parse_overrides(args.override)
+        load_config(args.recipe, args.scale, overrides)  # refuse bad input before Prefect starts
+    except ConfigError as error:
+        print(f"post-train: {error}", file=sys.stderr)
+        return 2
+    from flows.post_train import post_train
+
+    summary = post_train(recipe=args.recipe, scale=args.scale, overrides=flatten(overrides))
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

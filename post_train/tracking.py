@@ -1,0 +1,89 @@
+"""MLflow: where runs go, one child run per stage, and the plots users look at."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+
+EXPERIMENT = "post-train"
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` when set, else a SQLite store in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _artifact_location() -> str | None:
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None  # a tracking server decides where artifacts go
+
+
+def experiment_id(name: str = EXPERIMENT) -> str:
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=_artifact_location())
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+@contextmanager
+def stage_run(stage: str, parent_run_id: str | None, params: dict[str, Any] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A child run of the flow's run for one stage; marked FAILED if the stage raises."""
+    with mlflow.start_run(
+        experiment_id=experiment_id(),
+        run_name=stage,
+        parent_run_id=parent_run_id,
+        nested=parent_run_id is not None,
+        tags={"stage": stage},
+    ) as run:
+        if params:
+            mlflow.log_params(flatten(params))
+        yield run
+
+
+def log_history(history: list[dict[str, float]], prefix: str = "") -> None:
+    """Per-step metrics, batched into one call per logged step."""
+    for entry in history:
+        step = int(entry["step"])
+        mlflow.log_metrics({f"{prefix}{k}": v for k, v in entry.items() if k != "step"}, step=step)
+
+
+def log_curves(history: list[dict[str, float]], keys: list[str], name: str, title: str) -> None:
+    """A PNG with one panel per metric against the optimizer step."""
+    keys = [key for key in keys if any(key in entry for entry in history)]
+    if not keys:
+        return
+    figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for axis, key in zip(axes[0], keys):
+        points = [(entry["step"], entry[key]) for entry in history if key in entry]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
+        axis.set_title(key)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    mlflow.log_figure(figure, name)
+    plt.close(figure)

@@ -1,0 +1,157 @@
+"""The one training loop, shared by pretraining, SFT and DPO.
+
+Stages differ only in `step_fn`, which turns a micro-batch into a *summed* loss over its
+units (tokens for SFT, pairs for DPO). The loop divides by the unit count of the whole
+optimizer step across micro-batches and processes, so gradient accumulation and data
+parallelism give the gradient of the global token (or pair) mean, not a mean of means.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from post_train.config import TrainConfig
+
+
+@dataclass
+class StepOutput:
+    loss_sum: torch.Tensor
+    """The objective summed over the micro-batch's units; differentiable."""
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    """Other per-unit quantities summed over the micro-batch, logged as global means."""
+
+
+StepFn = Callable[[torch.nn.Module, dict[str, Any]], StepOutput]
+LogFn = Callable[[dict[str, float], int], None]
+DiagnosticsFn = Callable[[torch.nn.Module], dict[str, float]]
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    """`auto` takes bf16 on a GPU that supports it and full precision elsewhere (CPU)."""
+    if mixed_precision == "auto":
+        bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        mixed_precision = "bf16" if bf16_ok else "no"
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def accumulation_steps(config: TrainConfig, num_processes: int) -> int:
+    per_step = config.micro_batch_size * num_processes
+    if config.batch_size % per_step:
+        raise ValueError(
+            f"batch_size ({config.batch_size}) must be a multiple of micro_batch_size x processes "
+            f"({config.micro_batch_size} x {num_processes})"
+        )
+    return config.batch_size // per_step
+
+
+def _endless(loader: DataLoader) -> Iterator[dict[str, Any]]:
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def train(
+    model: torch.nn.Module,
+    dataset: list[dict[str, Any]],
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    step_fn: StepFn,
+    config: TrainConfig,
+    accelerator: Accelerator,
+    *,
+    on_log: LogFn | None = None,
+    diagnostics: DiagnosticsFn | None = None,
+    diagnostics_every: int = 0,
+    description: str = "train",
+) -> list[dict[str, float]]:
+    """Train `model` in place; returns the logged metrics, one dict per logged step."""
+    torch.manual_seed(config.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=config.micro_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    accumulation = accumulation_steps(config, accelerator.num_processes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = max(1, len(loader) // accumulation)
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    # Not passed to accelerator.prepare: it would step the schedule once per process.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
+
+    history: list[dict[str, float]] = []
+    batches = _endless(loader)
+    model.train()
+    progress = tqdm(range(1, total_steps + 1), desc=description, disable=not accelerator.is_main_process)
+    started = time.perf_counter()
+    tokens_seen = 0
+    for step in progress:
+        group = [next(batches) for _ in range(accumulation)]
+        local_units = sum(int(batch["num_units"]) for batch in group)
+        global_units = accelerator.reduce(torch.tensor(local_units, device=accelerator.device), "sum").item()
+        sums: dict[str, float] = defaultdict(float)
+        step_tokens = 0
+        for index, batch in enumerate(group):
+            is_last = index == len(group) - 1
+            with nullcontext() if is_last else accelerator.no_sync(model):
+                out = step_fn(model, batch)
+                accelerator.backward(out.loss_sum * accelerator.num_processes / max(global_units, 1))
+            sums["loss"] += out.loss_sum.item()
+            for name, value in out.metric_sums.items():
+                sums[name] += value
+            step_tokens += int(batch["attention_mask"].sum())
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += step_tokens
+
+        edge = step in (1, total_steps)
+        run_diagnostics = diagnostics is not None and diagnostics_every > 0 and (step % diagnostics_every == 0 or edge)
+        if run_diagnostics or step % config.log_every == 0 or edge:
+            names = sorted(sums)
+            totals = accelerator.reduce(torch.tensor([sums[n] for n in names], device=accelerator.device), "sum")
+            metrics = {name: value / max(global_units, 1) for name, value in zip(names, totals.tolist())}
+            metrics["learning_rate"] = learning_rate
+            metrics["grad_norm"] = float(grad_norm)
+            elapsed = time.perf_counter() - started
+            metrics["tokens_per_second"] = tokens_seen * accelerator.num_processes / max(elapsed, 1e-9)
+            if run_diagnostics:
+                metrics.update(diagnostics(accelerator.unwrap_model(model)))
+                model.train()
+            metrics["step"] = step
+            history.append(metrics)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if on_log is not None and accelerator.is_main_process:
+                on_log({k: v for k, v in metrics.items() if k != "step"}, step)
+    progress.close()
+    model.eval()
+    return history
+
+
+def save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, tokenizer, directory: Path) -> Path:
+    """Model (safetensors) and tokenizer, written by the main process only."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
+        accelerator.unwrap_model(model).save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+    accelerator.wait_for_everyone()
+    return directory

@@ -1,0 +1,123 @@
+"""Stage 4, DPO: preference optimisation of the SFT model against itself as the frozen reference.
+
+Chosen and rejected responses go through the model in one batch (chosen rows first). The
+reference model's sequence log-probs are computed once per dataset before training, since
+they never change. Metrics carry TRL's names (`rewards/chosen`, `rewards/accuracies`, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from prefect import task
+from tqdm.auto import tqdm
+
+from losses import preference_loss, preference_metrics
+from post_train.config import PipelineConfig
+from post_train.data import PreferenceExample, load_dataset_checked
+from post_train.modeling import load_model, load_tokenizer, pad_collate, target_logprobs
+from post_train.tracking import log_curves, stage_run
+from post_train.training import StepOutput, make_accelerator, save_checkpoint, train
+from tasks.prepare import PreparedData
+from tasks.sft import TrainedModel, completion_example
+
+DPO_CURVES = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "learning_rate"]
+
+
+def pair_examples(tokenizer, examples: list[PreferenceExample], max_length: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "chosen": completion_example(tokenizer, e.prompt, e.chosen, max_length),
+            "rejected": completion_example(tokenizer, e.prompt, e.rejected, max_length),
+        }
+        for e in examples
+    ]
+
+
+def pair_collate(pad_token_id: int):
+    """2B padded rows (chosen, then rejected) plus the pairs' reference log-probs when known."""
+    pad = pad_collate(pad_token_id)
+
+    def collate(pairs: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = pad([pair["chosen"] for pair in pairs] + [pair["rejected"] for pair in pairs])
+        if "ref_chosen" in pairs[0]:
+            batch["ref_chosen"] = torch.tensor([pair["ref_chosen"] for pair in pairs])
+            batch["ref_rejected"] = torch.tensor([pair["ref_rejected"] for pair in pairs])
+        batch["num_units"] = len(pairs)
+        return batch
+
+    return collate
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and response lengths of the chosen and rejected halves."""
+    logps, mask = target_logprobs(model, batch)
+    sums = (logps * mask).sum(-1)
+    lengths = mask.sum(-1)
+    half = sums.shape[0] // 2
+    return sums[:half], sums[half:], lengths[:half], lengths[half:]
+
+
+@torch.no_grad()
+def add_reference_logps(reference: torch.nn.Module, pairs: list[dict[str, Any]], collate, batch_size: int, device) -> None:
+    for start in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs"):
+        chunk = pairs[start : start + batch_size]
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(chunk).items()}
+        chosen, rejected, _, _ = sequence_logps(reference, batch)
+        for pair, chosen_logp, rejected_logp in zip(chunk, chosen.tolist(), rejected.tolist()):
+            pair["ref_chosen"], pair["ref_rejected"] = chosen_logp, rejected_logp
+
+
+def run(config: PipelineConfig, sft_model_path: str, data: PreparedData, run_dir: str, parent_run_id: str | None = None) -> TrainedModel:
+    settings = config.dpo
+    loss = preference_loss(settings.loss, **settings.loss_params)
+    tokenizer = load_tokenizer(sft_model_path)
+    pairs = pair_examples(tokenizer, load_dataset_checked(data.preferences, "preferences"), settings.max_length)
+    collate = pair_collate(tokenizer.pad_token_id)
+    accelerator = make_accelerator(config.mixed_precision)
+    if loss.needs_ref:
+        reference = load_model(sft_model_path, trainable=False).to(accelerator.device)
+        add_reference_logps(reference, pairs, collate, settings.micro_batch_size, accelerator.device)
+        del reference
+    model = load_model(sft_model_path)
+
+    def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
+        chosen, rejected, chosen_lengths, rejected_lengths = sequence_logps(model, batch)
+        out = loss(
+            chosen, rejected, batch.get("ref_chosen"), batch.get("ref_rejected"),
+            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+        )
+        pairs_in_batch = chosen.shape[0]
+        sums = {name: value * pairs_in_batch for name, value in preference_metrics(out).items()}
+        sums["logps/chosen"] = float(chosen.detach().sum())
+        sums["logps/rejected"] = float(rejected.detach().sum())
+        return StepOutput(out.losses.sum(), sums)
+
+    with stage_run("dpo", parent_run_id, {"dpo": settings.model_dump(mode="json"), "sft_model": sft_model_path}) as run:
+        history = train(
+            model,
+            pairs,
+            collate,
+            step,
+            settings,
+            accelerator,
+            on_log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
+            description=f"dpo ({settings.loss})",
+        )
+        path = save_checkpoint(accelerator, model, tokenizer, Path(run_dir) / "dpo")
+        log_curves(history, DPO_CURVES, "dpo_curves.png", f"DPO ({settings.loss}), lr {settings.learning_rate:g}")
+        final = history[-1]
+        metrics = {
+            "loss_first": history[0]["loss"],
+            "loss_final": final["loss"],
+            "rewards/accuracies_final": final["rewards/accuracies"],
+            "rewards/margins_final": final["rewards/margins"],
+        }
+        mlflow.log_metrics(metrics)
+        return TrainedModel(path=str(path), metrics=metrics, run_id=run.info.run_id)
+
+
+dpo_task = task(run, name="dpo")

@@ -1,0 +1,627 @@
+"""Tests of `losses/` against the formulas in docs/objectives.md.
+
+References are written out independently here, in float64, from the doc's tables: objective
+values from the "objective L" column, gradients by autograd through that explicit objective,
+weights from the "weight w_t" column.
+"""
+
+import inspect
+import itertools
+import math
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losses import (
+    PREFERENCE_LOSSES,
+    SFT_OBJECTIVES,
+    preference_loss,
+    preference_metrics,
+    sft_objective,
+    token_entropy_and_kl,
+    token_logprobs,
+)
+from losses.sft import SFTSpec
+
+F64 = torch.float64
+FDIV_NAMES = [name for name in SFT_OBJECTIVES if name.startswith("fdiv:")]
+
+# f: (φ, φ'(0), w = φ'/φ'(0)) exactly as in the doc's f-divergence table.
+DOC_GENERATORS = {
+    "tv": (lambda u: u, 1.0, lambda u: torch.ones_like(u)),
+    "pearson_chi2": (lambda u: 2 * (torch.sqrt(1 + u) - 1), 1.0, lambda u: (1 + u) ** -0.5),
+    "squared_hellinger": (lambda u: u / (1 + u), 1.0, lambda u: (1 + u) ** -2),
+    "reverse_kl": (lambda u: -torch.exp(-1 - u), math.exp(-1), lambda u: torch.exp(-u)),
+    "js": (lambda u: torch.log(2 - torch.exp(-u)), 1.0, lambda u: torch.exp(-u) / (2 - torch.exp(-u))),
+}
+
+
+def random_sft_inputs(seed: int, shape: tuple[int, int] = (3, 7)) -> dict[str, torch.Tensor]:
+    """Log-probs in [-3, -0.01]; ref within ±0.8 (u stays inside every domain, under the
+    weight cap, for β ≤ 0.7); old within ±0.5 so ρ crosses both PSFT clip edges."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(shape, generator=gen, dtype=F64)
+
+    logps = uniform(-3.0, -0.01)
+    mask = torch.rand(shape, generator=gen) < 0.7
+    mask[:, 0] = True
+    return {
+        "logps": logps,
+        "mask": mask,
+        "ref_logps": logps + uniform(-0.8, 0.8),
+        "old_logps": logps + uniform(-0.5, 0.5),
+    }
+
+
+def doc_objective(name: str, logps, mask, ref_logps, old_logps, hparams) -> torch.Tensor:
+    """The objective L of the doc's SFT table, differentiable in `logps` (sg only where the
+    doc writes it)."""
+    m = mask.to(F64)
+    n = m.sum()
+    if name == "nll":
+        per_token = -logps
+    elif name == "dft":
+        per_token = -logps.detach().exp() * logps
+    elif name == "psft":
+        ratio = torch.exp(logps - old_logps)
+        clipped = torch.clamp(ratio, 1 - hparams["eps_low"], 1 + hparams["eps_high"])
+        per_token = -torch.minimum(ratio, clipped)
+    else:
+        phi, phi_prime_0, _ = DOC_GENERATORS[name.removeprefix("fdiv:")]
+        beta = hparams["beta"]
+        per_token = -phi(beta * (logps - ref_logps)) / (beta * phi_prime_0)
+    return (m * per_token).sum() / n
+
+
+def doc_weights(name: str, logps, ref_logps, old_logps, hparams) -> torch.Tensor:
+    if name == "nll":
+        return torch.ones_like(logps)
+    if name == "dft":
+        return logps.exp()
+    if name == "psft":
+        ratio = torch.exp(logps - old_logps)
+        return torch.where(ratio <= 1 + hparams["eps_high"], ratio, torch.zeros_like(ratio))
+    _, _, weight = DOC_GENERATORS[name.removeprefix("fdiv:")]
+    return weight(hparams["beta"] * (logps - ref_logps))
+
+
+def run_objective(objective, inputs):
+    logps = inputs["logps"].clone().requires_grad_(True)
+    out = objective(logps, inputs["mask"], ref_logps=inputs["ref_logps"], old_logps=inputs["old_logps"])
+    out.loss.backward()
+    return out, logps.grad
+
+
+def weighted_sft_gradient(logps, mask, weights) -> torch.Tensor:
+    """Gradient of -(1/N) Σ m_t sg(w_t) ℓ_t, by autograd."""
+    logps = logps.clone().requires_grad_(True)
+    m = mask.to(logps.dtype)
+    (-(m * weights.detach() * logps).sum() / m.sum()).backward()
+    return logps.grad
+
+
+# ---------------------------------------------------------------- SFT objectives
+
+
+def test_registry_has_the_documented_objectives():
+    expected = {"nll", "dft", "psft", "fdiv:tv", "fdiv:pearson_chi2", "fdiv:squared_hellinger"}
+    assert expected | {"fdiv:reverse_kl", "fdiv:js"} <= set(SFT_OBJECTIVES)
+    assert sft_objective("psft").hparams == {"eps_low": 0.2, "eps_high": 0.28}
+    for name in FDIV_NAMES:
+        objective = sft_objective(name)
+        assert objective.hparams["beta"] == 1.0
+        assert (objective.needs_ref, objective.needs_old) == (True, False)
+    assert (sft_objective("psft").needs_ref, sft_objective("psft").needs_old) == (False, True)
+    for name in ("nll", "dft"):
+        assert (sft_objective(name).needs_ref, sft_objective(name).needs_old) == (False, False)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", list(SFT_OBJECTIVES))
+def test_sft_value_gradient_and_weights_match_the_doc(name, seed):
+    hparams = {"beta": 0.7} if name.startswith("fdiv:") else {}
+    objective = sft_objective(name, **hparams)
+    inputs = random_sft_inputs(seed)
+    out, grad = run_objective(objective, inputs)
+
+    all_hparams = dict(objective.hparams)
+    logps = inputs["logps"].clone().requires_grad_(True)
+    expected_value = doc_objective(
+        name, logps, inputs["mask"], inputs["ref_logps"], inputs["old_logps"], all_hparams
+    )
+    expected_value.backward()
+    expected_weights = inputs["mask"] * doc_weights(
+        name, inputs["logps"], inputs["ref_logps"], inputs["old_logps"], all_hparams
+    )
+
+    assert out.loss.dtype == F64 and out.loss.shape == ()
+    torch.testing.assert_close(out.loss.detach(), expected_value.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, logps.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.weights, expected_weights, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        grad, weighted_sft_gradient(inputs["logps"], inputs["mask"], expected_weights), rtol=1e-10, atol=1e-12
+    )
+    assert not out.weights.requires_grad
+    assert (out.weights[~inputs["mask"]] == 0).all()
+
+
+def test_psft_inputs_exercise_both_clip_edges():
+    inputs = random_sft_inputs(0)
+    ratio = torch.exp(inputs["logps"] - inputs["old_logps"])[inputs["mask"]]
+    assert (ratio < 0.8).any() and (ratio > 1.28).any() and ((ratio > 0.8) & (ratio < 1.28)).any()
+
+
+def test_psft_with_old_equal_to_policy_is_nll():
+    inputs = random_sft_inputs(3)
+    inputs["old_logps"] = inputs["logps"].clone()
+    psft_out, psft_grad = run_objective(sft_objective("psft"), inputs)
+    nll_out, nll_grad = run_objective(sft_objective("nll"), inputs)
+    torch.testing.assert_close(psft_grad, nll_grad, rtol=0, atol=1e-15)
+    torch.testing.assert_close(psft_out.weights, nll_out.weights)
+    # The value is the PPO objective at ρ = 1, i.e. -1, not the NLL: only gradients coincide.
+    assert psft_out.loss.item() == -1.0
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 5.0])
+@pytest.mark.parametrize("name", FDIV_NAMES)
+def test_fdiv_at_reference_has_the_nll_gradient(name, beta):
+    inputs = random_sft_inputs(4)
+    inputs["ref_logps"] = inputs["logps"].clone()
+    out, grad = run_objective(sft_objective(name, beta=beta), inputs)
+    _, nll_grad = run_objective(sft_objective("nll"), inputs)
+    torch.testing.assert_close(grad, nll_grad, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(out.weights, inputs["mask"].to(F64))
+
+
+def test_fdiv_tv_is_nll_plus_a_constant():
+    inputs = random_sft_inputs(5)
+    tv_out, tv_grad = run_objective(sft_objective("fdiv:tv", beta=0.3), inputs)
+    nll_out, nll_grad = run_objective(sft_objective("nll"), inputs)
+    m = inputs["mask"].to(F64)
+    ref_term = (m * inputs["ref_logps"]).sum() / m.sum()
+    torch.testing.assert_close(tv_out.loss.detach(), nll_out.loss.detach() + ref_term)
+    torch.testing.assert_close(tv_grad, nll_grad)
+
+
+def test_dft_weight_is_the_token_probability():
+    inputs = random_sft_inputs(6)
+    out, _ = run_objective(sft_objective("dft"), inputs)
+    torch.testing.assert_close(out.weights, inputs["logps"].exp() * inputs["mask"])
+
+
+@pytest.mark.parametrize("name", [name for name in FDIV_NAMES if name != "fdiv:tv"])
+def test_fdiv_weight_cap_applies_to_the_gradient(name):
+    # ℓ far below ℓ_ref: u is at or beyond the domain edge, where the raw weight explodes.
+    logps = torch.tensor([[-8.0, -2.0, -0.5]], dtype=F64)
+    ref_logps = torch.tensor([[-0.1, -2.0, -0.5]], dtype=F64)
+    mask = torch.ones_like(logps, dtype=torch.bool)
+    inputs = {"logps": logps, "mask": mask, "ref_logps": ref_logps, "old_logps": None}
+    out, grad = run_objective(sft_objective(name, beta=1.0, max_weight=3.0), inputs)
+    assert out.weights[0, 0].item() == 3.0
+    torch.testing.assert_close(out.weights[0, 1:], torch.ones(2, dtype=F64))
+    torch.testing.assert_close(grad, weighted_sft_gradient(logps, mask, out.weights))
+    assert torch.isfinite(out.loss)
+
+
+def test_fdiv_value_uses_u_clamped_into_the_domain():
+    logps = torch.tensor([[-8.0]], dtype=F64)
+    ref_logps = torch.tensor([[-0.1]], dtype=F64)
+    mask = torch.ones_like(logps, dtype=torch.bool)
+    chi2 = sft_objective("fdiv:pearson_chi2")(logps, mask, ref_logps=ref_logps)
+    assert chi2.loss.item() == pytest.approx(-2 * (math.sqrt(1e-3) - 1))
+    js = sft_objective("fdiv:js")(logps, mask, ref_logps=ref_logps)
+    assert js.loss.item() == pytest.approx(-math.log(1e-3))
+
+
+EXTREME_LOGPS = [-60.0, -20.0, -1e-6]
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 10.0])
+@pytest.mark.parametrize("name", list(SFT_OBJECTIVES))
+def test_sft_is_finite_on_extreme_inputs(name, beta):
+    triples = list(itertools.product(EXTREME_LOGPS, repeat=3))
+    logps = torch.tensor([[t[0] for t in triples]], dtype=torch.float32)
+    ref_logps = torch.tensor([[t[1] for t in triples]], dtype=torch.float32)
+    old_logps = torch.tensor([[t[2] for t in triples]], dtype=torch.float32)
+    mask = torch.ones_like(logps, dtype=torch.bool)
+    mask[0, ::4] = False
+    # Off-mask positions may hold anything, including -inf and NaN.
+    logps[0, 0], ref_logps[0, 4], old_logps[0, 8] = float("-inf"), float("nan"), float("-inf")
+    hparams = {"beta": beta} if name.startswith("fdiv:") else {}
+    logps.requires_grad_(True)
+    out = sft_objective(name, **hparams)(logps, mask, ref_logps=ref_logps, old_logps=old_logps)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32
+    assert torch.isfinite(out.loss)
+    assert torch.isfinite(logps.grad).all()
+    assert torch.isfinite(out.weights).all() and (out.weights >= 0).all()
+    assert (logps.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("name", list(SFT_OBJECTIVES))
+def test_sft_empty_mask_gives_zero_loss_and_gradient(name):
+    inputs = random_sft_inputs(7)
+    inputs["mask"] = torch.zeros_like(inputs["mask"])
+    out, grad = run_objective(sft_objective(name), inputs)
+    assert out.loss.item() == 0.0
+    assert (grad == 0).all()
+
+
+def test_sft_off_mask_values_do_not_matter():
+    inputs = random_sft_inputs(8)
+    changed = {key: value.clone() for key, value in inputs.items()}
+    for key in ("logps", "ref_logps", "old_logps"):
+        changed[key][~inputs["mask"]] = -1e4
+    for name in SFT_OBJECTIVES:
+        out, grad = run_objective(sft_objective(name), inputs)
+        changed_out, changed_grad = run_objective(sft_objective(name), changed)
+        torch.testing.assert_close(out.loss, changed_out.loss)
+        torch.testing.assert_close(grad, changed_grad)
+        assert (grad[~inputs["mask"]] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["dft", "psft", "fdiv:js"])
+def test_num_tokens_makes_micro_batches_add_up(name):
+    inputs = random_sft_inputs(9, shape=(4, 6))
+    objective = sft_objective(name)
+    full, full_grad = run_objective(objective, inputs)
+    total_tokens = int(inputs["mask"].sum())
+    logps = inputs["logps"].clone().requires_grad_(True)
+    summed = 0.0
+    for rows in (slice(0, 1), slice(1, 4)):
+        micro = objective(
+            logps[rows],
+            inputs["mask"][rows],
+            ref_logps=inputs["ref_logps"][rows],
+            old_logps=inputs["old_logps"][rows],
+            num_tokens=total_tokens,
+        )
+        micro.loss.backward()
+        summed += micro.loss.item()
+    assert summed == pytest.approx(full.loss.item(), rel=1e-12)
+    torch.testing.assert_close(logps.grad, full_grad)
+
+
+def test_sft_computes_low_precision_inputs_in_fp32():
+    inputs = random_sft_inputs(10)
+    logps = inputs["logps"].to(torch.bfloat16).requires_grad_(True)
+    out = sft_objective("dft")(logps, inputs["mask"])
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and out.weights.dtype == torch.float32
+    assert logps.grad.dtype == torch.bfloat16
+    expected = doc_objective("dft", logps.detach().to(F64), inputs["mask"], None, None, {})
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_adding_an_objective_is_one_function_and_one_entry(monkeypatch):
+    def doubled_nll(logps):
+        return -2 * logps, 2 * torch.ones_like(logps)
+
+    monkeypatch.setitem(SFT_OBJECTIVES, "test:doubled_nll", SFTSpec(doubled_nll))
+    inputs = random_sft_inputs(11)
+    out, grad = run_objective(sft_objective("test:doubled_nll"), inputs)
+    nll_out, nll_grad = run_objective(sft_objective("nll"), inputs)
+    torch.testing.assert_close(out.loss, 2 * nll_out.loss)
+    torch.testing.assert_close(grad, 2 * nll_grad)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unknown_sft_objective_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"'fdiv:kl'.*nll.*fdiv:pearson_chi2"):
+        sft_objective("fdiv:kl")
+
+
+def test_unknown_hyperparameter_is_named_with_the_valid_ones():
+    with pytest.raises(ValueError, match=r"eps\b.*'psft'.*eps_low, eps_high"):
+        sft_objective("psft", eps=0.1)
+    with pytest.raises(ValueError, match=r"beta.*'nll'.*valid: none"):
+        sft_objective("nll", beta=1.0)
+    with pytest.raises(ValueError, match=r"gamma.*'sigmoid'.*beta, label_smoothing"):
+        preference_loss("sigmoid", gamma=1.0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: sft_objective("fdiv:js", beta=0.0),
+        lambda: sft_objective("fdiv:js", beta=float("nan")),
+        lambda: sft_objective("fdiv:js", beta=True),
+        lambda: sft_objective("fdiv:js", max_weight=-1.0),
+        lambda: sft_objective("psft", eps_low=1.0),
+        lambda: preference_loss("robust", label_smoothing=0.5),
+        lambda: preference_loss("sigmoid", beta="0.1"),
+    ],
+)
+def test_invalid_hyperparameter_values_are_rejected(make):
+    with pytest.raises(ValueError, match="Hyperparameter"):
+        make()
+
+
+def test_missing_reference_or_old_log_probs_is_a_clear_error():
+    inputs = random_sft_inputs(12)
+    with pytest.raises(ValueError, match=r"'fdiv:js' needs ref_logps"):
+        sft_objective("fdiv:js")(inputs["logps"], inputs["mask"], old_logps=inputs["old_logps"])
+    with pytest.raises(ValueError, match=r"'psft' needs old_logps"):
+        sft_objective("psft")(inputs["logps"], inputs["mask"], ref_logps=inputs["ref_logps"])
+    chosen = torch.tensor([-3.0])
+    with pytest.raises(ValueError, match=r"'sigmoid' needs ref_chosen and ref_rejected"):
+        preference_loss("sigmoid")(chosen, chosen)
+    with pytest.raises(ValueError, match=r"'ipo' .*chosen_lengths and rejected_lengths"):
+        preference_loss("ipo")(chosen, chosen, chosen, chosen)
+    with pytest.raises(ValueError, match=r"Unknown preference loss 'dpo'.*sigmoid.*simpo"):
+        preference_loss("dpo")
+
+
+# ---------------------------------------------------------------- preference losses
+
+
+def random_pairs(seed: int, batch: int = 6) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = {key: torch.randint(1, 40, (batch,), generator=gen) for key in ("chosen", "rejected")}
+
+    def summed(key: str) -> torch.Tensor:
+        return -lengths[key] * (0.2 + 2 * torch.rand(batch, generator=gen, dtype=F64))
+
+    policy_chosen, policy_rejected = summed("chosen"), summed("rejected")
+    return {
+        "policy_chosen": policy_chosen,
+        "policy_rejected": policy_rejected,
+        "ref_chosen": policy_chosen + 3 * torch.randn(batch, generator=gen, dtype=F64),
+        "ref_rejected": policy_rejected + 3 * torch.randn(batch, generator=gen, dtype=F64),
+        "chosen_lengths": lengths["chosen"],
+        "rejected_lengths": lengths["rejected"],
+    }
+
+
+def doc_preference(name: str, pairs, hparams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(losses, reward_chosen, reward_rejected) from the doc's preference table."""
+    beta = hparams["beta"]
+    eps = hparams.get("label_smoothing", 0.0)
+    chosen, rejected = pairs["policy_chosen"], pairs["policy_rejected"]
+    if name != "simpo":
+        chosen, rejected = chosen - pairs["ref_chosen"], rejected - pairs["ref_rejected"]
+    if name in ("ipo", "simpo"):
+        chosen, rejected = chosen / pairs["chosen_lengths"], rejected / pairs["rejected_lengths"]
+    h = beta * (chosen - rejected)
+    log_sigmoid = lambda x: torch.log(torch.sigmoid(x))  # noqa: E731 - the textbook form, on moderate x
+    losses = {
+        "sigmoid": lambda: -(1 - eps) * log_sigmoid(h) - eps * log_sigmoid(-h),
+        "robust": lambda: (-(1 - eps) * log_sigmoid(h) + eps * log_sigmoid(-h)) / (1 - 2 * eps),
+        "hinge": lambda: torch.clamp(1 - h, min=0),
+        "ipo": lambda: (h / beta - 1 / (2 * beta)) ** 2,
+        "simpo": lambda: -log_sigmoid(h - hparams["gamma"]),
+    }[name]()
+    return losses, beta * chosen, beta * rejected
+
+
+PREFERENCE_CASES = [
+    ("sigmoid", {}),
+    ("sigmoid", {"label_smoothing": 0.1, "beta": 0.3}),
+    ("robust", {"label_smoothing": 0.2}),
+    ("hinge", {"beta": 0.5}),
+    ("ipo", {"beta": 0.5}),
+    ("simpo", {}),
+    ("simpo", {"beta": 2.5, "gamma": 1.0}),
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(("name", "hparams"), PREFERENCE_CASES)
+def test_preference_losses_match_the_doc(name, hparams, seed):
+    loss = preference_loss(name, **hparams)
+    pairs = random_pairs(seed)
+    policy = {key: pairs[key].clone().requires_grad_(True) for key in ("policy_chosen", "policy_rejected")}
+    out = loss(**{**pairs, **policy})
+    out.losses.sum().backward()
+
+    expected_policy = {key: pairs[key].clone().requires_grad_(True) for key in policy}
+    expected, expected_chosen, expected_rejected = doc_preference(
+        name, {**pairs, **expected_policy}, loss.hparams
+    )
+    expected.sum().backward()
+
+    torch.testing.assert_close(out.losses, expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.reward_chosen, expected_chosen.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.reward_rejected, expected_rejected.detach(), rtol=1e-12, atol=1e-12)
+    for key in policy:
+        torch.testing.assert_close(policy[key].grad, expected_policy[key].grad, rtol=1e-10, atol=1e-12)
+    assert not out.reward_chosen.requires_grad and not out.reward_rejected.requires_grad
+
+
+def test_preference_defaults_and_reference_needs():
+    assert preference_loss("sigmoid").hparams == {"beta": 0.1, "label_smoothing": 0.0}
+    assert preference_loss("simpo").hparams == {"beta": 2.0, "gamma": 0.5}
+    assert {name for name, spec in PREFERENCE_LOSSES.items() if not spec.needs_ref} == {"simpo"}
+    assert preference_loss("simpo").needs_ref is False and preference_loss("ipo").needs_ref is True
+    pairs = random_pairs(2)
+    out = preference_loss("simpo")(
+        pairs["policy_chosen"],
+        pairs["policy_rejected"],
+        None,
+        None,
+        chosen_lengths=pairs["chosen_lengths"],
+        rejected_lengths=pairs["rejected_lengths"],
+    )
+    torch.testing.assert_close(out.reward_chosen, 2.0 * pairs["policy_chosen"] / pairs["chosen_lengths"])
+
+
+@pytest.mark.parametrize(("name", "hparams"), PREFERENCE_CASES)
+def test_preference_losses_are_finite_on_extreme_inputs(name, hparams):
+    values = [-6000.0, -60.0, -1e-6]
+    quads = list(itertools.product(values, repeat=4))
+    policy_chosen = torch.tensor([q[0] for q in quads], requires_grad=True)
+    policy_rejected = torch.tensor([q[1] for q in quads], requires_grad=True)
+    ref_chosen, ref_rejected = torch.tensor([q[2] for q in quads]), torch.tensor([q[3] for q in quads])
+    lengths = torch.full((len(quads),), 100)
+    lengths[0] = 0
+    out = preference_loss(name, **hparams)(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, lengths, lengths
+    )
+    out.losses.sum().backward()
+    outputs = (out.losses, out.reward_chosen, out.reward_rejected, policy_chosen.grad, policy_rejected.grad)
+    assert all(torch.isfinite(tensor).all() for tensor in outputs)
+
+
+def test_preference_metrics_use_trl_names_and_strict_accuracy():
+    out = preference_loss("sigmoid", beta=0.5)(
+        torch.tensor([-1.0, -2.0, -3.0, -4.0]),
+        torch.tensor([-2.0, -2.0, -1.0, -4.0]),
+        torch.tensor([-1.0, -1.0, -1.0, -3.0]),
+        torch.tensor([-1.0, -1.0, -1.0, -3.0]),
+    )
+    # rewards chosen: 0, -0.5, -1, -0.5; rejected: -0.5, -0.5, 0, -0.5 (two ties)
+    metrics = preference_metrics(out)
+    assert metrics == pytest.approx(
+        {
+            "rewards/chosen": -0.5,
+            "rewards/rejected": -0.375,
+            "rewards/accuracies": 0.25,
+            "rewards/margins": -0.125,
+        }
+    )
+    assert all(type(value) is float for value in metrics.values())
+
+
+def trl_dpo_loss_or_skip():
+    trl = pytest.importorskip("trl")
+    dpo_loss = trl.DPOTrainer.dpo_loss
+    parameters = list(inspect.signature(dpo_loss).parameters)
+    if parameters[1:5] != ["chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"]:
+        pytest.skip(f"trl {trl.__version__}: DPOTrainer.dpo_loss has an unknown signature {parameters}")
+    return trl, dpo_loss, "loss_type" in parameters
+
+
+@pytest.mark.parametrize(("name", "hparams"), [case for case in PREFERENCE_CASES if case[0] != "simpo"])
+def test_preference_losses_match_trl(name, hparams):
+    trl, dpo_loss, takes_loss_type = trl_dpo_loss_or_skip()
+    loss = preference_loss(name, **hparams)
+    pairs = random_pairs(3)
+    out = loss(**pairs)
+    trainer = types.SimpleNamespace(
+        beta=loss.hparams["beta"],
+        label_smoothing=loss.hparams.get("label_smoothing", 0.0),
+        loss_type=name if not takes_loss_type else [name],
+        reference_free=False,
+        f_divergence_type="reverse_kl",
+        f_divergence_params=None,
+        use_weighting=False,
+        accelerator=types.SimpleNamespace(device=torch.device("cpu")),
+        args=types.SimpleNamespace(loss_type=[name], rpo_alpha=None, use_weighting=False),
+    )
+    # TRL averages the log-probs itself before dpo_loss when the loss type is ipo.
+    lengths = {"chosen": pairs["chosen_lengths"], "rejected": pairs["rejected_lengths"]}
+    arguments = [
+        pairs[f"{model}_{side}"] / (lengths[side] if name == "ipo" else 1)
+        for model in ("policy", "ref")
+        for side in ("chosen", "rejected")
+    ]
+    kwargs = {"loss_type": name} if takes_loss_type else {}
+    try:
+        trl_losses, trl_chosen, trl_rejected = dpo_loss(trainer, *arguments, **kwargs)
+    except AttributeError as error:
+        pytest.skip(f"trl {trl.__version__}: dpo_loss reads trainer state this test does not mock ({error})")
+    torch.testing.assert_close(out.losses, trl_losses.to(F64), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(out.reward_chosen, trl_chosen.to(F64), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(out.reward_rejected, trl_rejected.to(F64), rtol=1e-6, atol=1e-8)
+
+
+# ---------------------------------------------------------------- log-prob helpers
+
+
+def random_logits(seed: int, shape=(2, 5, 11), dtype=F64) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(shape, generator=gen, dtype=F64)).to(dtype)
+    targets = torch.randint(0, shape[-1], shape[:-1], generator=gen)
+    return logits, targets
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 10, 1024])
+def test_token_logprobs_match_log_softmax_gather(chunk_size):
+    logits, targets = random_logits(0)
+    upstream = torch.randn(targets.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+
+    ours_logits = logits.clone().requires_grad_(True)
+    ours = token_logprobs(ours_logits, targets, chunk_size=chunk_size)
+    (ours * upstream).sum().backward()
+
+    direct_logits = logits.clone().requires_grad_(True)
+    direct = torch.log_softmax(direct_logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    (direct * upstream).sum().backward()
+
+    assert ours.shape == targets.shape and ours.dtype == F64
+    torch.testing.assert_close(ours, direct, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours_logits.grad, direct_logits.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_token_logprobs_of_bf16_logits_are_fp32_and_never_save_fp32_logits():
+    logits, targets = random_logits(2, shape=(2, 6, 50), dtype=torch.bfloat16)
+    logits.requires_grad_(True)
+    saved: list[torch.Tensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        ours = token_logprobs(logits, targets, chunk_size=5)
+    assert ours.dtype == torch.float32
+    # Saving each chunk's fp32 log-softmax would add up to an fp32 copy of the logits.
+    assert sum(t.numel() for t in saved if t.dtype == torch.float32) < logits.numel() // 10
+
+    direct = torch.log_softmax(logits.detach().float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    torch.testing.assert_close(ours.detach(), direct, rtol=1e-6, atol=1e-6)
+
+    ours.sum().backward()
+    reference_logits = logits.detach().float().requires_grad_(True)
+    torch.log_softmax(reference_logits, dim=-1).gather(-1, targets[..., None]).sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.grad.float(), reference_logits.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_token_logprobs_ignore_negative_targets():
+    logits, targets = random_logits(3)
+    targets[0, :2] = -100
+    logits.requires_grad_(True)
+    ours = token_logprobs(logits, targets, chunk_size=3)
+    ours.sum().backward()
+    assert (ours[0, :2] == 0).all() and (logits.grad[0, :2] == 0).all()
+    assert (ours[targets >= 0] < 0).all() and (logits.grad[0, 2:] != 0).any()
+
+
+def test_chunk_size_must_be_positive():
+    logits, targets = random_logits(4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        token_logprobs(logits, targets, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        token_entropy_and_kl(logits, None, chunk_size=-1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1024])
+def test_entropy_and_kl_match_direct_computation(chunk_size):
+    logits, _ = random_logits(5)
+    ref_logits, _ = random_logits(6)
+    entropy, kl = token_entropy_and_kl(logits, ref_logits, chunk_size=chunk_size)
+    p, q = torch.softmax(logits, -1), torch.softmax(ref_logits, -1)
+    torch.testing.assert_close(entropy, -(p * p.log()).sum(-1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kl, (p * (p.log() - q.log())).sum(-1), rtol=1e-12, atol=1e-12)
+    assert (kl > 0).all()
+
+    same_entropy, kl_to_self = token_entropy_and_kl(logits, logits.clone(), chunk_size=chunk_size)
+    torch.testing.assert_close(same_entropy, entropy)
+    torch.testing.assert_close(kl_to_self, torch.zeros_like(kl_to_self), rtol=0, atol=1e-12)
+
+
+def test_entropy_without_reference_and_in_low_precision():
+    logits, _ = random_logits(7, dtype=torch.bfloat16)
+    entropy, kl = token_entropy_and_kl(logits.requires_grad_(True), None, chunk_size=4)
+    assert kl is None
+    assert entropy.dtype == torch.float32 and entropy.shape == logits.shape[:-1]
+    assert not entropy.requires_grad
+    logp = F.log_softmax(logits.detach().float(), -1)
+    torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1), rtol=1e-6, atol=1e-6)
