@@ -28,7 +28,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     for split in splits:
         lines.append(
-            f"    {split:<18} {evaluation[f'win_rate/{split}']:5.1f} ± {evaluation[f'win_rate_se/{split}']:.1f}"
+            f"    {split:<18} {100 * evaluation[f'win_rate/{split}']:5.1f} ± {100 * evaluation[f'win_rate_se/{split}']:.1f}"
             f"   (n={int(evaluation[f'num_prompts/{split}'])}, gold reward {evaluation[f'gold_reward/{split}']:.3f}"
             f" vs reference {evaluation[f'reference_gold_reward/{split}']:.3f})"
         )

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from losses import preference_loss, sft_objective
+from losses import PREFERENCE_LOSSES, SFT_OBJECTIVES, preference_loss, sft_objective
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -106,8 +106,15 @@ class SFTConfig(TrainConfig):
     diagnostics_every: int = Field(default=10, ge=1, description="Steps between KL-to-base/entropy checks.")
     diagnostics_batch_size: int = Field(default=32, ge=1)
 
+    @field_validator("objective")
+    @classmethod
+    def _objective_exists(cls, name: str) -> str:
+        if name not in SFT_OBJECTIVES:
+            raise ValueError(f"unknown SFT objective {name!r}; valid: {', '.join(SFT_OBJECTIVES)}")
+        return name
+
     @model_validator(mode="after")
-    def _objective_exists(self) -> "SFTConfig":
+    def _objective_params_fit(self) -> "SFTConfig":
         sft_objective(self.objective, **self.objective_params)
         return self
 
@@ -116,8 +123,15 @@ class DPOConfig(TrainConfig):
     loss: str = "sigmoid"
     loss_params: dict[str, float] = {"beta": 0.1}
 
+    @field_validator("loss")
+    @classmethod
+    def _loss_exists(cls, name: str) -> str:
+        if name not in PREFERENCE_LOSSES:
+            raise ValueError(f"unknown preference loss {name!r}; valid: {', '.join(PREFERENCE_LOSSES)}")
+        return name
+
     @model_validator(mode="after")
-    def _loss_exists(self) -> "DPOConfig":
+    def _loss_params_fit(self) -> "DPOConfig":
         preference_loss(self.loss, **self.loss_params)
         return self
 

@@ -10,6 +10,7 @@ Formats (https://huggingface.co/docs/trl/dataset_formats):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,24 +26,57 @@ class DataError(ValueError):
     """A dataset that cannot be used, with the file (or dataset name) and row that says why."""
 
 
-def load_rows(source: str) -> list[dict[str, Any]]:
+def _read_json_lines(file: Path) -> list[Any]:
+    """JSON Lines (or one JSON array) read directly, so a broken line is reported by its number."""
+    text = file.read_text()
+    if file.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{file}: not valid JSON: {error}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(f"{file}, row {len(rows)} (line {number + 1}): not valid JSON: {error}") from None
+    return rows
+
+
+Located = list[tuple[str, Any]]
+"""Rows, each with where it came from ("file, row N") for error messages."""
+
+
+def _located(origin: str, rows: list[Any]) -> Located:
+    return [(f"{origin}, row {index}", row) for index, row in enumerate(rows)]
+
+
+def load_rows(source: str) -> Located:
     """Rows of a local file or directory of files, or of a Hub dataset given as `name` or `name:split`."""
     path = Path(source)
-    if path.exists():
-        files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_FORMATS) if path.is_dir() else [path]
-        if not files:
-            raise DataError(f"{source}: no data files ({', '.join(LOCAL_FORMATS)}) found")
-        builders = {LOCAL_FORMATS.get(file.suffix) for file in files}
-        if None in builders or len(builders) > 1:
-            raise DataError(f"{source}: expected files of one format among {', '.join(LOCAL_FORMATS)}")
-        dataset = datasets.load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train")
-    else:
+    if not path.exists():
         name, _, split = source.partition(":")
         try:
-            dataset = datasets.load_dataset(name, split=split or "train")
+            return _located(source, datasets.load_dataset(name, split=split or "train").to_list())
         except Exception as error:  # the Hub client raises many types; the user needs the cause
             raise DataError(f"{source}: not a local path, and loading it as a Hub dataset failed: {error}") from error
-    return dataset.to_list()
+    files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_FORMATS) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{source}: no data files ({', '.join(LOCAL_FORMATS)}) found")
+    rows: Located = []
+    for file in files:
+        builder = LOCAL_FORMATS.get(file.suffix)
+        if builder is None:
+            raise DataError(f"{file}: unsupported file type; expected one of {', '.join(LOCAL_FORMATS)}")
+        if builder == "json":
+            rows.extend(_located(str(file), _read_json_lines(file)))
+            continue
+        try:
+            rows.extend(_located(str(file), datasets.load_dataset(builder, data_files=str(file), split="train").to_list()))
+        except Exception as error:  # pyarrow and datasets raise many types for unreadable files
+            raise DataError(f"{file}: could not be read as {builder}: {error}") from error
+    return rows
 
 
 def _messages(value: Any, where: str, field: str, default_role: str) -> list[dict[str, str]]:
@@ -87,10 +121,9 @@ class EvalExample:
     split: str
 
 
-def validate_sft(rows: list[dict[str, Any]], source: str) -> list[SFTExample]:
+def validate_sft(rows: Located, source: str) -> list[SFTExample]:
     examples = []
-    for index, row in enumerate(rows):
-        where = f"{source}, row {index}"
+    for where, row in rows:
         _require(row, where, ("messages",))
         messages = _messages(row["messages"], where, "messages", "user")
         if messages[-1]["role"] != "assistant":
@@ -99,10 +132,9 @@ def validate_sft(rows: list[dict[str, Any]], source: str) -> list[SFTExample]:
     return _non_empty(examples, source)
 
 
-def validate_preferences(rows: list[dict[str, Any]], source: str) -> list[PreferenceExample]:
+def validate_preferences(rows: Located, source: str) -> list[PreferenceExample]:
     examples = []
-    for index, row in enumerate(rows):
-        where = f"{source}, row {index}"
+    for where, row in rows:
         _require(row, where, ("prompt", "chosen", "rejected"))
         prompt = _messages(row["prompt"], where, "prompt", "user")
         chosen = _messages(row["chosen"], where, "chosen", "assistant")
@@ -114,10 +146,9 @@ def validate_preferences(rows: list[dict[str, Any]], source: str) -> list[Prefer
     return _non_empty(examples, source)
 
 
-def validate_eval(rows: list[dict[str, Any]], source: str) -> list[EvalExample]:
+def validate_eval(rows: Located, source: str) -> list[EvalExample]:
     examples = []
-    for index, row in enumerate(rows):
-        where = f"{source}, row {index}"
+    for where, row in rows:
         _require(row, where, ("prompt", "reference"))
         if not isinstance(row["reference"], str):
             raise DataError(f"{where}: field 'reference' must be a string")

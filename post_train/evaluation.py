@@ -1,8 +1,9 @@
 """Batched generation and win rates against reference responses.
 
 Follows AlpacaEval 2's conventions (see shared docs/evaluation.md): a preference per
-instruction in {0, 0.5, 1} (reference wins, draw, model wins); win rate = 100 * mean;
-standard error = 100 * sample std (ddof=1) / sqrt(n).
+instruction in {0, 0.5, 1} (reference wins, draw, model wins); win rate = mean;
+standard error = sample std (ddof=1) / sqrt(n). Both are fractions in [0, 1]; AlpacaEval
+prints them multiplied by 100.
 """
 
 from __future__ import annotations
@@ -63,15 +64,15 @@ def preference(model_score: float, reference_score: float) -> float:
 
 
 def win_rate(preferences: list[float]) -> tuple[float, float]:
-    """(win rate, standard error), both in percent."""
+    """(win rate, standard error), both fractions."""
     n = len(preferences)
     if n == 0:
         raise ValueError("no preferences to compute a win rate from")
     mean = sum(preferences) / n
     if n == 1:
-        return 100 * mean, float("nan")
+        return mean, float("nan")
     variance = sum((p - mean) ** 2 for p in preferences) / (n - 1)
-    return 100 * mean, 100 * math.sqrt(variance / n)
+    return mean, math.sqrt(variance / n)
 
 
 def last_user_message(example: EvalExample) -> str:

@@ -31,7 +31,7 @@ def _artifact_location() -> str | None:
 
 def experiment_id(name: str = EXPERIMENT) -> str:
     mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri())
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id

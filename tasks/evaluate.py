@@ -37,8 +37,8 @@ class Evaluation:
 
 def _plot_win_rates(metrics: dict[str, float], splits: list[str], title: str) -> None:
     figure, axis = plt.subplots(figsize=(1.6 * len(splits) + 2, 3.4))
-    rates = [metrics[f"win_rate/{split}"] for split in splits]
-    errors = [1.96 * metrics[f"win_rate_se/{split}"] for split in splits]
+    rates = [100 * metrics[f"win_rate/{split}"] for split in splits]
+    errors = [100 * 1.96 * metrics[f"win_rate_se/{split}"] for split in splits]
     axis.bar(splits, rates, yerr=errors, capsize=6, color="tab:blue")
     axis.axhline(50, color="gray", linestyle="--", linewidth=1)
     axis.set_ylim(0, 100)

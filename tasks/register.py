@@ -17,7 +17,7 @@ from prefect import task
 
 from post_train.config import PipelineConfig
 from post_train.fingerprint import REPO_ROOT
-from post_train.tracking import stage_run
+from post_train.tracking import stage_run, tracking_uri
 
 WIN_RATE_TAG = "win_rate"
 
@@ -52,7 +52,7 @@ def run(
     parent_run_id: str | None = None,
 ) -> Registration:
     name, alias = config.registry.model_name, config.registry.champion_alias
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri())
     with stage_run("register", parent_run_id) as run:
         mlflow.log_artifacts(model_path, artifact_path="model")
         try:
@@ -69,7 +69,7 @@ def run(
         }
         version = client.create_model_version(
             name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags,
-            description=f"recipe {config.recipe} at scale {config.scale}; win rate {win_rate:.1f}% vs reference",
+            description=f"recipe {config.recipe} at scale {config.scale}; win rate {100 * win_rate:.1f}% vs reference",
         )
         champion = current_champion(client, name, alias)
         promote = champion is None or win_rate > float(champion.tags.get(WIN_RATE_TAG, "-inf"))
@@ -81,7 +81,7 @@ def run(
             version=str(version.version),
             model_uri=f"models:/{name}/{version.version}",
             is_champion=promote,
-            previous_champion=champion.version if champion else None,
+            previous_champion=str(champion.version) if champion else None,
         )
 
 

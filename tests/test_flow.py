@@ -1,0 +1,121 @@
+"""The `post-train` flow end to end at smoke scale, under a real (test) Prefect server,
+a temporary MLflow SQLite store and a temporary DVC repository."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from post_train.config import ConfigError
+from post_train.data import DataError
+from tests.conftest import make_dvc_repo, smoke_overrides
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, mlflow_store: str) -> Path:
+    make_dvc_repo(tmp_path / "repo")
+    return tmp_path
+
+
+def runs_by_stage(client: MlflowClient, parent_id: str) -> dict[str, object]:
+    experiment = client.get_run(parent_id).info.experiment_id
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {run.data.tags["stage"]: run for run in children}
+
+
+def test_post_train_runs_end_to_end_and_registers_a_champion(prefect_server, workspace, mlflow_store):
+    from flows.post_train import post_train
+
+    summary = post_train(recipe="lowlr", scale="smoke", overrides=smoke_overrides(workspace))
+    client = MlflowClient(mlflow_store)
+
+    champion = client.get_model_version_by_alias("post-train", "champion")
+    assert str(champion.version) == summary["model_version"] == "1"
+    lock = yaml.safe_load((workspace / "repo" / "dvc.lock").read_text())
+    assert champion.tags["data_hash"] == lock["stages"]["world@smoke"]["outs"][0]["md5"] == summary["data_hash"]
+    assert champion.tags["recipe"] == "lowlr" and champion.tags["flow_run_id"] != "none"
+
+    stages = runs_by_stage(client, summary["mlflow_run_id"])
+    assert set(stages) == {"pretrain", "sft", "dpo", "evaluate", "register"}
+    assert all(run.info.status == "FINISHED" for run in stages.values())
+    assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+
+    evaluation = stages["evaluate"].data.metrics
+    for split in ("in_distribution", "held_out", "all"):
+        assert 0.0 <= evaluation[f"win_rate/{split}"] <= 1.0
+        assert evaluation[f"win_rate_se/{split}"] >= 0.0
+
+    sft_losses = client.get_metric_history(stages["sft"].info.run_id, "loss")
+    by_step = sorted(sft_losses, key=lambda m: m.step)
+    assert by_step[-1].value < by_step[0].value
+    assert {"kl_to_base", "entropy", "mean_token_weight", "grad_norm", "tokens_per_second"} <= set(stages["sft"].data.metrics)
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(stages["dpo"].data.metrics)
+
+    artifacts = {
+        stage: {a.path for a in client.list_artifacts(run.info.run_id)} for stage, run in stages.items()
+    }
+    assert "sft_curves.png" in artifacts["sft"] and "dpo_curves.png" in artifacts["dpo"]
+    assert {"win_rates.png", "eval_samples.json"} <= artifacts["evaluate"]
+    assert "config.json" in {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
+
+    # A second run reuses the pretrained base model: same config, data and code.
+    again = post_train(recipe="baseline", scale="smoke", overrides=smoke_overrides(workspace))
+    assert again["base_model"]["cache_hit"] and again["base_model"]["path"] == summary["base_model"]["path"]
+    assert again["model_version"] == "2"
+
+
+def test_bad_configuration_is_refused_before_any_work(prefect_server, workspace, mlflow_store):
+    from flows.post_train import post_train
+
+    overrides = {**smoke_overrides(workspace), "sft.learning_rate": -1e-4}
+    with pytest.raises(ConfigError, match="sft.learning_rate: Input should be greater than 0"):
+        post_train(recipe="lowlr", scale="smoke", overrides=overrides)
+    assert not (workspace / "runs").exists()
+    assert not (workspace / "repo" / "data").exists()
+
+
+def test_a_malformed_row_fails_the_run_before_training(prefect_server, workspace, mlflow_store):
+    from flows.post_train import post_train
+
+    bad = workspace / "sft.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "Copy: a"}]}) + "\n")
+    overrides = {**smoke_overrides(workspace), "data.sft": str(bad)}
+    with pytest.raises(DataError, match=rf"{bad}, row 0: the last message must be the assistant's"):
+        post_train(recipe="lowlr", scale="smoke", overrides=overrides)
+    client = MlflowClient(mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("post-train").experiment_id])
+    assert [run.info.status for run in runs] == ["FAILED"]  # the parent; no stage ever started
+
+
+def test_a_users_own_model_and_datasets_from_local_paths(prefect_server, workspace, mlflow_store, smoke_stages):
+    from flows.post_train import post_train
+
+    _, data, base = smoke_stages
+    model_dir = shutil.copytree(base.path, workspace / "my-model")
+    datasets_dir = workspace / "my-data"
+    datasets_dir.mkdir()
+    for kind in ("sft", "preferences", "eval"):
+        shutil.copy(getattr(data, kind), datasets_dir / f"{kind}.jsonl")
+    overrides = {
+        **smoke_overrides(workspace),
+        "model.name_or_path": str(model_dir),
+        "data.world": None,
+        **{f"data.{kind}": str(datasets_dir / f"{kind}.jsonl") for kind in ("sft", "preferences", "eval")},
+    }
+    summary = post_train(recipe="lowlr", scale="smoke", overrides=overrides)
+    assert summary["base_model"]["path"] == str(model_dir)
+    assert not (workspace / "repo" / "data").exists()  # no world was generated
+    assert len(summary["data_hash"]) == 32
+    assert 0.0 <= summary["evaluation"]["win_rate/all"] <= 1.0
