@@ -115,6 +115,9 @@ class PreferenceLoss:
                 )
             chosen = chosen - ref_chosen.to(dtype)
             rejected = rejected - ref_rejected.to(dtype)
+        # Rewards are β times the summed log-ratios (objectives.md; TRL logs the same, also for
+        # ipo); without a reference (simpo) they are β times the per-token average, as in SimPO.
+        reward_chosen, reward_rejected = chosen, rejected
         if self.length_normalised:
             if chosen_lengths is None or rejected_lengths is None:
                 raise ValueError(
@@ -124,11 +127,13 @@ class PreferenceLoss:
             # A zero length means an empty response whose summed log-prob is 0 anyway.
             chosen = chosen / chosen_lengths.to(dtype).clamp_min(1.0)
             rejected = rejected / rejected_lengths.to(dtype).clamp_min(1.0)
+        if not self.needs_ref:
+            reward_chosen, reward_rejected = chosen, rejected
         beta = self.hparams["beta"]
         return PreferenceOutput(
             losses=self.fn(chosen - rejected, **self.hparams),
-            reward_chosen=(beta * chosen).detach(),
-            reward_rejected=(beta * rejected).detach(),
+            reward_chosen=(beta * reward_chosen).detach(),
+            reward_rejected=(beta * reward_rejected).detach(),
         )
 
 

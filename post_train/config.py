@@ -105,6 +105,9 @@ class SFTConfig(TrainConfig):
     objective_params: dict[str, float] = {}
     diagnostics_every: int = Field(default=10, ge=1, description="Steps between KL-to-base/entropy checks.")
     diagnostics_batch_size: int = Field(default=32, ge=1)
+    rollout_steps: int = Field(
+        default=8, ge=1, description="Objectives with an old policy (psft): optimizer steps per old-policy snapshot, K."
+    )
 
     @field_validator("objective")
     @classmethod

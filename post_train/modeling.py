@@ -43,7 +43,14 @@ def pad_collate(pad_token_id: int) -> Callable[[list[dict[str, Any]]], dict[str,
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
         batch["num_units"] = int(loss_mask[:, 1:].sum())
         for key in examples[0].keys() - {"input_ids", "loss_mask"}:
-            batch[key] = torch.tensor([example[key] for example in examples])
+            values = [example[key] for example in examples]
+            if isinstance(values[0], list):  # per-token values, aligned with the predicted tokens
+                padded = torch.zeros((len(examples), width - 1), dtype=torch.float32)
+                for row, value in enumerate(values):
+                    padded[row, : len(value)] = torch.tensor(value)
+                batch[key] = padded
+            else:
+                batch[key] = torch.tensor(values)
         return batch
 
     return collate

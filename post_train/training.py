@@ -34,6 +34,7 @@ class StepOutput:
 
 
 StepFn = Callable[[torch.nn.Module, dict[str, Any]], StepOutput]
+RolloutFn = Callable[[torch.nn.Module, list[list[dict[str, Any]]]], None]
 LogFn = Callable[[dict[str, float], int], None]
 DiagnosticsFn = Callable[[torch.nn.Module], dict[str, float]]
 
@@ -76,9 +77,16 @@ def train(
     on_log: LogFn | None = None,
     diagnostics: DiagnosticsFn | None = None,
     diagnostics_every: int = 0,
+    before_rollout: RolloutFn | None = None,
+    rollout_steps: int = 1,
     description: str = "train",
 ) -> list[dict[str, float]]:
-    """Train `model` in place; returns the logged metrics, one dict per logged step."""
+    """Train `model` in place; returns the logged metrics, one dict per logged step.
+
+    Batches are drawn `rollout_steps` optimizer steps at a time and handed to
+    `before_rollout` first, with the weights as they are before those steps: PSFT's old
+    policy (arXiv 2508.17784) is computed there.
+    """
     torch.manual_seed(config.seed)
     loader = DataLoader(
         dataset,
@@ -101,8 +109,13 @@ def train(
     progress = tqdm(range(1, total_steps + 1), desc=description, disable=not accelerator.is_main_process)
     started = time.perf_counter()
     tokens_seen = 0
+    rollout: list[list[dict[str, Any]]] = []
     for step in progress:
-        group = [next(batches) for _ in range(accumulation)]
+        if not rollout:
+            rollout = [[next(batches) for _ in range(accumulation)] for _ in range(rollout_steps)]
+            if before_rollout is not None:
+                before_rollout(model, rollout)
+        group = rollout.pop(0)
         local_units = sum(int(batch["num_units"]) for batch in group)
         global_units = accelerator.reduce(torch.tensor(local_units, device=accelerator.device), "sum").item()
         sums: dict[str, float] = defaultdict(float)

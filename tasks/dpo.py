@@ -1,7 +1,7 @@
 """Stage 4, DPO: preference optimisation of the SFT model against itself as the frozen reference.
 
 Chosen and rejected responses go through the model in one batch (chosen rows first). The
-reference model's sequence log-probs are computed once per dataset before training, since
+reference model's log-probs are computed once per (model, data) and cached on disk, since
 they never change. Metrics carry TRL's names (`rewards/chosen`, `rewards/accuracies`, ...).
 """
 
@@ -13,12 +13,12 @@ from typing import Any
 import mlflow
 import torch
 from prefect import task
-from tqdm.auto import tqdm
 
 from losses import preference_loss, preference_metrics
 from post_train.config import PipelineConfig
 from post_train.data import PreferenceExample, load_dataset_checked
 from post_train.modeling import load_model, load_tokenizer, pad_collate, target_logprobs
+from post_train.reference import reference_logps
 from post_train.tracking import log_curves, stage_run
 from post_train.training import StepOutput, make_accelerator, save_checkpoint, train
 from tasks.prepare import PreparedData
@@ -61,14 +61,12 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch
     return sums[:half], sums[half:], lengths[:half], lengths[half:]
 
 
-@torch.no_grad()
-def add_reference_logps(reference: torch.nn.Module, pairs: list[dict[str, Any]], collate, batch_size: int, device) -> None:
-    for start in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs"):
-        chunk = pairs[start : start + batch_size]
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(chunk).items()}
-        chosen, rejected, _, _ = sequence_logps(reference, batch)
-        for pair, chosen_logp, rejected_logp in zip(chunk, chosen.tolist(), rejected.tolist()):
-            pair["ref_chosen"], pair["ref_rejected"] = chosen_logp, rejected_logp
+def add_reference_logps(pairs: list[dict[str, Any]], rows: list[list[float]]) -> None:
+    """Summed reference log-probs of each pair's responses, from per-token rows (chosen rows first)."""
+    for pair, chosen, rejected in zip(pairs, rows[: len(pairs)], rows[len(pairs) :]):
+        for side, row in (("chosen", chosen), ("rejected", rejected)):
+            counted = pair[side]["loss_mask"][1:]
+            pair[f"ref_{side}"] = sum(value for value, keep in zip(row, counted) if keep)
 
 
 def run(config: PipelineConfig, sft_model_path: str, data: PreparedData, run_dir: str, parent_run_id: str | None = None) -> TrainedModel:
@@ -78,10 +76,14 @@ def run(config: PipelineConfig, sft_model_path: str, data: PreparedData, run_dir
     pairs = pair_examples(tokenizer, load_dataset_checked(data.preferences, "preferences"), settings.max_length)
     collate = pair_collate(tokenizer.pad_token_id)
     accelerator = make_accelerator(config.mixed_precision)
+    reference_cache_hit = None
     if loss.needs_ref:
-        reference = load_model(sft_model_path, trainable=False).to(accelerator.device)
-        add_reference_logps(reference, pairs, collate, settings.micro_batch_size, accelerator.device)
-        del reference
+        sequences = [pair["chosen"] for pair in pairs] + [pair["rejected"] for pair in pairs]
+        rows, reference_cache_hit = reference_logps(
+            lambda: load_model(sft_model_path, trainable=False), sft_model_path, sequences,
+            pad_collate(tokenizer.pad_token_id), 2 * settings.micro_batch_size, Path(config.cache_dir), accelerator.device,
+        )
+        add_reference_logps(pairs, rows)
     model = load_model(sft_model_path)
 
     def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
@@ -97,6 +99,8 @@ def run(config: PipelineConfig, sft_model_path: str, data: PreparedData, run_dir
         return StepOutput(out.losses.sum(), sums)
 
     with stage_run("dpo", parent_run_id, {"dpo": settings.model_dump(mode="json"), "sft_model": sft_model_path}) as run:
+        if reference_cache_hit is not None:
+            mlflow.set_tag("reference_logps_cache_hit", str(reference_cache_hit).lower())
         history = train(
             model,
             pairs,

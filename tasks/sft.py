@@ -1,7 +1,8 @@
 """Stage 3, SFT: train the base model on demonstrations with the recipe's SFT objective.
 
-The objective is looked up by name in `losses`; this stage only supplies what it asks for
-(reference log-probs from the frozen base model when `needs_ref`). Every few steps it
+The objective is looked up by name in `losses`; this stage only supplies what it asks for:
+reference log-probs from the frozen base model (`needs_ref`, computed once and cached on
+disk) and an old-policy snapshot every `rollout_steps` optimizer steps (`needs_old`, PSFT). Every few steps it
 measures the exact token KL to the base model and the entropy on held-out responses,
 the drift arXiv 2507.00018 says plain SFT leaves unchecked.
 """
@@ -20,6 +21,7 @@ from losses import sft_objective
 from post_train.config import PipelineConfig
 from post_train.data import EvalExample, SFTExample, load_dataset_checked, prompt_and_completion_ids
 from post_train.modeling import entropy_and_kl, load_model, load_tokenizer, pad_collate, target_logprobs
+from post_train.reference import reference_logps
 from post_train.tracking import log_curves, stage_run
 from post_train.training import StepOutput, make_accelerator, save_checkpoint, train
 from tasks.prepare import PreparedData
@@ -62,34 +64,47 @@ def run(config: PipelineConfig, base_model_path: str, data: PreparedData, run_di
     objective = sft_objective(settings.objective, **settings.objective_params)
     tokenizer = load_tokenizer(base_model_path)
     dataset = sft_examples(tokenizer, load_dataset_checked(data.sft, "sft"), settings.max_length)
+    collate = pad_collate(tokenizer.pad_token_id)
     accelerator = make_accelerator(config.mixed_precision)
-    model = load_model(base_model_path)
     base = load_model(base_model_path, trainable=False).to(accelerator.device)
+    reference_cache_hit = None
+    if objective.needs_ref:
+        ref_rows, reference_cache_hit = reference_logps(
+            lambda: base, base_model_path, dataset, collate, settings.micro_batch_size, Path(config.cache_dir), accelerator.device
+        )
+        for example, ref_row in zip(dataset, ref_rows):
+            example["ref_logps"] = ref_row
+    model = load_model(base_model_path)
     diagnostics_batch = held_out_batch(
         tokenizer, load_dataset_checked(data.eval, "eval"), settings.diagnostics_batch_size, settings.max_length, accelerator.device
     )
 
     def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
         logps, mask = target_logprobs(model, batch)
-        ref_logps = None
-        if objective.needs_ref:
-            with torch.no_grad():
-                ref_logps, _ = target_logprobs(base, batch)
-        out = objective(logps, mask, ref_logps=ref_logps)
-        tokens = mask.sum()
-        return StepOutput(out.loss * tokens, {"mean_token_weight": float(out.weights.sum())})
+        out = objective(logps, mask, ref_logps=batch.get("ref_logps"), old_logps=batch.get("old_logps"))
+        return StepOutput(out.loss * mask.sum(), {"mean_token_weight": float(out.weights.sum())})
+
+    @torch.no_grad()
+    def snapshot_old_policy(model: torch.nn.Module, rollout: list[list[dict[str, Any]]]) -> None:
+        for group in rollout:
+            for batch in group:
+                batch["old_logps"] = target_logprobs(model, batch)[0]
 
     with stage_run("sft", parent_run_id, {"sft": settings.model_dump(mode="json"), "base_model": base_model_path}) as run:
+        if reference_cache_hit is not None:
+            mlflow.set_tag("reference_logps_cache_hit", str(reference_cache_hit).lower())
         history = train(
             model,
             dataset,
-            pad_collate(tokenizer.pad_token_id),
+            collate,
             step,
             settings,
             accelerator,
             on_log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
             diagnostics=lambda trained: entropy_and_kl(trained, base, diagnostics_batch),
             diagnostics_every=settings.diagnostics_every,
+            before_rollout=snapshot_old_policy if objective.needs_old else None,
+            rollout_steps=settings.rollout_steps if objective.needs_old else 1,
             description=f"sft ({settings.objective})",
         )
         path = save_checkpoint(accelerator, model, tokenizer, Path(run_dir) / "sft")

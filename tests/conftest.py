@@ -38,7 +38,21 @@ def make_dvc_repo(directory: Path) -> Path:
 
 @pytest.fixture
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh MLflow store, for tests that count runs or model versions."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def _shared_store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mlflow-shared") / "mlflow.db"
+
+
+@pytest.fixture
+def shared_mlflow_store(_shared_store_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """One MLflow store for the session: creating a SQLite store costs seconds."""
+    uri = f"sqlite:///{_shared_store_path}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 
@@ -60,14 +74,13 @@ def smoke_overrides(workspace: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def smoke_stages(smoke_workspace: Path, tmp_path_factory: pytest.TempPathFactory):
+def smoke_stages(smoke_workspace: Path, _shared_store_path: Path):
     """Prepared data and a pretrained base model at smoke scale, made once with the plain stage functions."""
     from post_train.config import load_config
     from tasks import prepare, pretrain
 
-    store = tmp_path_factory.mktemp("mlflow-stages")
     previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_shared_store_path}"
     try:
         config = load_config("lowlr", "smoke", smoke_overrides(smoke_workspace))
         data = prepare.run(config)

@@ -5,10 +5,11 @@ values from the "objective L" column, gradients by autograd through that explici
 weights from the "weight w_t" column.
 """
 
-import inspect
+import collections
 import itertools
 import math
 import types
+import warnings
 
 import pytest
 import torch
@@ -386,8 +387,12 @@ def doc_preference(name: str, pairs, hparams) -> tuple[torch.Tensor, torch.Tenso
     chosen, rejected = pairs["policy_chosen"], pairs["policy_rejected"]
     if name != "simpo":
         chosen, rejected = chosen - pairs["ref_chosen"], rejected - pairs["ref_rejected"]
+    # Rewards: β(L - L^ref) with summed L; without a reference (simpo), β times the average.
+    reward_chosen, reward_rejected = beta * chosen, beta * rejected
     if name in ("ipo", "simpo"):
         chosen, rejected = chosen / pairs["chosen_lengths"], rejected / pairs["rejected_lengths"]
+    if name == "simpo":
+        reward_chosen, reward_rejected = beta * chosen, beta * rejected
     h = beta * (chosen - rejected)
     log_sigmoid = lambda x: torch.log(torch.sigmoid(x))  # noqa: E731 - the textbook form, on moderate x
     losses = {
@@ -397,7 +402,7 @@ def doc_preference(name: str, pairs, hparams) -> tuple[torch.Tensor, torch.Tenso
         "ipo": lambda: (h / beta - 1 / (2 * beta)) ** 2,
         "simpo": lambda: -log_sigmoid(h - hparams["gamma"]),
     }[name]()
-    return losses, beta * chosen, beta * rejected
+    return losses, reward_chosen, reward_rejected
 
 
 PREFERENCE_CASES = [
@@ -488,47 +493,159 @@ def test_preference_metrics_use_trl_names_and_strict_accuracy():
     assert all(type(value) is float for value in metrics.values())
 
 
-def trl_dpo_loss_or_skip():
+# ---------------------------------------------------------------- TRL as an oracle
+#
+# TRL 1.x (checked against 1.16.0) has no `DPOTrainer.dpo_loss` any more: the DPO loss family is
+# computed inline in `DPOTrainer._compute_loss(model, inputs, return_outputs)`, which runs the model,
+# sums per-token log-probs over the completion, applies the loss and logs the rewards. The tests
+# below run that real method on a trainer made with `object.__new__(DPOTrainer)` plus exactly the
+# attributes it reads, with a stand-in model whose per-token log-probs sum to our random summed
+# log-probs. Any attribute TRL starts to read, or any signature change, fails the test loudly
+# (AttributeError/TypeError): it never skips once trl is importable.
+#
+# Convention differences found in trl 1.16.0 (see each case below):
+# - DPOTrainer "sigmoid" ignores `label_smoothing` (cDPO was removed from it; the option is read
+#   only by "robust", "exo_pair", "aot*"). The cDPO formula still lives in the experimental
+#   `CPOTrainer.cpo_loss` ("sigmoid" with label smoothing), which is reference-free: fed the
+#   log-ratios L - L^ref as its "policy log-probs" it is exactly cDPO, so that is the oracle for
+#   our `sigmoid` with ε > 0.
+# - DPOTrainer "ipo" takes *summed* log-probs and averages the log-ratios over the completion
+#   tokens itself (`completion_mask.sum(dim=1).clamp(min=1)`), so we feed it sums and the lengths
+#   as the completion mask. Its logged rewards are β·(summed log-ratio), as ours are.
+# - SimPO is not in DPOTrainer; `CPOTrainer.cpo_loss` with loss_type "simpo" takes per-token
+#   average policy log-probs (CPO calls `get_batch_logps(average_log_prob=True)` for simpo) and its
+#   `simpo_gamma` is the margin γ itself (it subtracts γ/β inside β(...)), like ours.
+
+TRL_BETAS = (0.05, 0.5, 2.0)
+
+
+def import_trl():
     trl = pytest.importorskip("trl")
-    dpo_loss = trl.DPOTrainer.dpo_loss
-    parameters = list(inspect.signature(dpo_loss).parameters)
-    if parameters[1:5] != ["chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"]:
-        pytest.skip(f"trl {trl.__version__}: DPOTrainer.dpo_loss has an unknown signature {parameters}")
-    return trl, dpo_loss, "loss_type" in parameters
+    # Deliberately no skip from here on: an import or API change in trl must fail these tests.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TRLExperimentalWarning on importing trl.experimental
+        from trl.experimental.cpo import CPOTrainer
+    return trl, trl.DPOTrainer, CPOTrainer
 
 
-@pytest.mark.parametrize(("name", "hparams"), [case for case in PREFERENCE_CASES if case[0] != "simpo"])
-def test_preference_losses_match_trl(name, hparams):
-    trl, dpo_loss, takes_loss_type = trl_dpo_loss_or_skip()
-    loss = preference_loss(name, **hparams)
+class _Accelerator:
+    """What `_compute_loss` reads from `self.accelerator` on one CPU process."""
+
+    device = torch.device("cpu")
+
+    @staticmethod
+    def gather(tensor):
+        return tensor
+
+    gather_for_metrics = gather
+
+
+def trl_dpo_compute_loss(dpo_trainer_cls, loss_type, beta, label_smoothing, pairs, index):
+    """TRL's loss for `pairs[...][index]`, via `DPOTrainer._compute_loss`, and its logged rewards.
+
+    `index` is a list of pair indices: the batch TRL sees is those pairs, laid out as TRL's collator
+    does ([chosen rows; rejected rows], prompt then completion), and the returned loss is TRL's batch
+    mean. The reference log-probs come precomputed (`precompute_ref_logps`), as TRL takes them from
+    the dataset columns `ref_chosen_logps`/`ref_rejected_logps`.
+    """
+    trainer = object.__new__(dpo_trainer_cls)
+    trainer.model = types.SimpleNamespace(training=False)  # -> metrics mode "eval"
+    trainer.accelerator = _Accelerator()
+    trainer.aux_loss_enabled = False
+    trainer.ld_alpha = None
+    trainer.precompute_ref_logps = True
+    trainer.f_divergence_type = "reverse_kl"  # standard DPO
+    trainer.loss_types = [loss_type]
+    trainer.loss_weights = [1.0]
+    trainer.beta = beta
+    trainer.label_smoothing = label_smoothing
+    trainer.use_weighting = False
+    trainer._metrics = {"train": collections.defaultdict(list), "eval": collections.defaultdict(list)}
+    trainer._total_train_tokens = 0
+
+    prompt = 3
+    summed = torch.cat([pairs["policy_chosen"][index], pairs["policy_rejected"][index]])
+    lengths = torch.cat([pairs["chosen_lengths"][index], pairs["rejected_lengths"][index]])
+    width = prompt + int(lengths.max())
+    positions = torch.arange(width)
+    completion_mask = ((positions >= prompt) & (positions < prompt + lengths[:, None])).long()
+    shift_mask = completion_mask[:, 1:].to(F64)
+    # Per-token log-probs: the summed log-prob spread evenly over the completion tokens, 0 elsewhere
+    # (the fused LM head returns 0 where labels are -100), so TRL's `.sum(dim=1)` gives `summed`.
+    per_token = shift_mask * (summed / lengths.to(F64))[:, None]
+
+    def model(input_ids, attention_mask, use_cache, labels, fused_lm_head):
+        assert fused_lm_head and not use_cache
+        assert torch.equal(labels != -100, completion_mask.bool())
+        zeros = torch.zeros_like(per_token)
+        return types.SimpleNamespace(
+            log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(), aux_loss=None
+        )
+
+    inputs = {
+        "input_ids": torch.ones_like(completion_mask),
+        "attention_mask": torch.ones_like(completion_mask),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": pairs["ref_chosen"][index],
+        "ref_rejected_logps": pairs["ref_rejected"][index],
+    }
+    loss = trainer._compute_loss(model, inputs, return_outputs=False)
+    metrics = trainer._metrics["eval"]
+    return loss, metrics["rewards/chosen"][0], metrics["rewards/rejected"][0]
+
+
+def trl_cpo_loss(cpo_trainer_cls, loss_type, beta, label_smoothing, gamma, chosen, rejected):
+    """`CPOTrainer.cpo_loss` (reference-free) on the given per-pair "policy log-probs"."""
+    trainer = object.__new__(cpo_trainer_cls)
+    trainer.accelerator = _Accelerator()
+    trainer.alpha = 0.0  # no AlphaPO reward transform
+    trainer.beta = beta
+    trainer.label_smoothing = label_smoothing
+    trainer.loss_type = loss_type
+    if gamma is not None:
+        trainer.simpo_gamma = gamma
+    return trainer.cpo_loss(chosen, rejected)
+
+
+@pytest.mark.parametrize("beta", TRL_BETAS)
+@pytest.mark.parametrize(("name", "hparams"), PREFERENCE_CASES)
+def test_preference_losses_match_trl(name, hparams, beta):
+    _, dpo_trainer_cls, cpo_trainer_cls = import_trl()
+    loss = preference_loss(name, **{**hparams, "beta": beta})
+    eps = loss.hparams.get("label_smoothing", 0.0)
     pairs = random_pairs(3)
     out = loss(**pairs)
-    trainer = types.SimpleNamespace(
-        beta=loss.hparams["beta"],
-        label_smoothing=loss.hparams.get("label_smoothing", 0.0),
-        loss_type=name if not takes_loss_type else [name],
-        reference_free=False,
-        f_divergence_type="reverse_kl",
-        f_divergence_params=None,
-        use_weighting=False,
-        accelerator=types.SimpleNamespace(device=torch.device("cpu")),
-        args=types.SimpleNamespace(loss_type=[name], rpo_alpha=None, use_weighting=False),
-    )
-    # TRL averages the log-probs itself before dpo_loss when the loss type is ipo.
-    lengths = {"chosen": pairs["chosen_lengths"], "rejected": pairs["rejected_lengths"]}
-    arguments = [
-        pairs[f"{model}_{side}"] / (lengths[side] if name == "ipo" else 1)
-        for model in ("policy", "ref")
-        for side in ("chosen", "rejected")
-    ]
-    kwargs = {"loss_type": name} if takes_loss_type else {}
-    try:
-        trl_losses, trl_chosen, trl_rejected = dpo_loss(trainer, *arguments, **kwargs)
-    except AttributeError as error:
-        pytest.skip(f"trl {trl.__version__}: dpo_loss reads trainer state this test does not mock ({error})")
-    torch.testing.assert_close(out.losses, trl_losses.to(F64), rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(out.reward_chosen, trl_chosen.to(F64), rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(out.reward_rejected, trl_rejected.to(F64), rtol=1e-6, atol=1e-8)
+    batch = len(out.losses)
+    chosen_lengths = pairs["chosen_lengths"].to(F64)
+    rejected_lengths = pairs["rejected_lengths"].to(F64)
+    tight = {"rtol": 1e-10, "atol": 1e-12}  # float64 throughout; only summation order differs
+
+    if name == "simpo":
+        average_chosen = pairs["policy_chosen"] / chosen_lengths
+        average_rejected = pairs["policy_rejected"] / rejected_lengths
+        trl_losses, trl_chosen, trl_rejected = trl_cpo_loss(
+            cpo_trainer_cls, "simpo", beta, 0.0, loss.hparams["gamma"], average_chosen, average_rejected
+        )
+    elif name == "sigmoid" and eps > 0:
+        # cDPO: DPOTrainer's "sigmoid" has no label smoothing in trl 1.x; CPO's has (see above).
+        chosen_logratios = pairs["policy_chosen"] - pairs["ref_chosen"]
+        rejected_logratios = pairs["policy_rejected"] - pairs["ref_rejected"]
+        trl_losses, trl_chosen, trl_rejected = trl_cpo_loss(
+            cpo_trainer_cls, "sigmoid", beta, eps, None, chosen_logratios, rejected_logratios
+        )
+    else:
+        # One pair per call: `_compute_loss` returns only the batch mean, and logs rewards as means.
+        per_pair = [trl_dpo_compute_loss(dpo_trainer_cls, name, beta, eps, pairs, [i]) for i in range(batch)]
+        trl_losses = torch.stack([result[0] for result in per_pair])
+        trl_chosen = torch.tensor([result[1] for result in per_pair], dtype=F64)
+        trl_rejected = torch.tensor([result[2] for result in per_pair], dtype=F64)
+        # The whole batch at once (TRL's [chosen; rejected] layout, ragged lengths) gives the mean.
+        batch_loss, _, _ = trl_dpo_compute_loss(dpo_trainer_cls, name, beta, eps, pairs, list(range(batch)))
+        torch.testing.assert_close(out.losses.mean(), batch_loss.to(F64), **tight)
+
+    torch.testing.assert_close(out.losses, trl_losses.to(F64), **tight)
+    torch.testing.assert_close(out.reward_chosen, trl_chosen.to(F64), **tight)
+    torch.testing.assert_close(out.reward_rejected, trl_rejected.to(F64), **tight)
 
 
 # ---------------------------------------------------------------- log-prob helpers

@@ -1,0 +1,84 @@
+"""Reference-model log-probs, computed once per (model, tokenised data) and cached on disk.
+
+The reference model is frozen, so its log-probs on a dataset never change: f-divergence SFT
+(reference = base model) and DPO (reference = SFT model) read them from the cache instead of
+running a second model at every step. The cache key hashes the model's weights and the exact
+token ids, so a change of model, tokenizer, chat template or `max_length` misses the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from post_train.modeling import target_logprobs
+
+WEIGHT_FILES = ("*.json", "*.safetensors", "*.bin")
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """sha256 of a local model's config and weights; a Hub model is identified by its name."""
+    path = Path(name_or_path)
+    digest = hashlib.sha256()
+    if not path.is_dir():
+        digest.update(name_or_path.encode())
+        return digest.hexdigest()
+    for pattern in WEIGHT_FILES:
+        for file in sorted(path.glob(pattern)):
+            digest.update(file.name.encode())
+            with file.open("rb") as handle:
+                while chunk := handle.read(1 << 24):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def examples_fingerprint(examples: list[dict[str, Any]]) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(str(example["input_ids"]).encode())
+        digest.update(str(example["loss_mask"]).encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def _compute(model: torch.nn.Module, examples: list[dict[str, Any]], collate: Callable, batch_size: int, device) -> list[list[float]]:
+    rows: list[list[float]] = []
+    for start in tqdm(range(0, len(examples), batch_size), desc="reference log-probs"):
+        chunk = examples[start : start + batch_size]
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(chunk).items()}
+        logps, _ = target_logprobs(model, batch)
+        rows.extend(row[: len(example["input_ids"]) - 1].tolist() for row, example in zip(logps.float().cpu(), chunk))
+    return rows
+
+
+def reference_logps(
+    load_reference: Callable[[], torch.nn.Module],
+    model_path: str,
+    examples: list[dict[str, Any]],
+    collate: Callable,
+    batch_size: int,
+    cache_dir: Path,
+    device,
+) -> tuple[list[list[float]], bool]:
+    """Per-token log-probs of each example's next tokens under the reference, and whether they were cached.
+
+    `load_reference` is only called on a cache miss, so a hit never loads the model.
+    """
+    key = hashlib.sha256(f"{model_fingerprint(model_path)}:{examples_fingerprint(examples)}".encode()).hexdigest()[:24]
+    file = cache_dir / "reference-logps" / f"{key}.pt"
+    if file.is_file():
+        stored = torch.load(file, weights_only=True)
+        return [row.tolist() for row in torch.split(stored["values"], stored["lengths"].tolist())], True
+    rows = _compute(load_reference().to(device), examples, collate, batch_size, device)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    partial = file.with_suffix(".partial")
+    torch.save(
+        {"values": torch.tensor([v for row in rows for v in row]), "lengths": torch.tensor([len(r) for r in rows])},
+        partial,
+    )
+    partial.rename(file)
+    return rows, False
