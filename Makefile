@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM := false
 RECIPE ?= lowlr
 SCALE ?= demo
 
-.PHONY: install demo test mlflow-ui prefect-ui clean
+.PHONY: install demo serve test mlflow-ui prefect-ui clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ $(STAMP): pyproject.toml requirements.lock
 
 demo: install
 	$(BIN)/post-train run --recipe $(RECIPE) --scale $(SCALE)
+
+# Serves post-train/<recipe> for every recipe and retrain/scheduled (cron: $POST_TRAIN_RETRAIN_CRON,
+# default 0 3 * * *) to the server at $PREFECT_API_URL, starting a local one if none answers.
+serve: install
+	$(BIN)/python -m flows.serve
 
 test: install
 	$(BIN)/python -m pytest -q

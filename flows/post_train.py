@@ -34,8 +34,14 @@ def _run_directory(runs_dir: str, recipe: str, run_name: str) -> Path:
 
 
 @flow(name="post-train", log_prints=True)
-def post_train(recipe: str = "lowlr", scale: str = "demo", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Post-train a model with `recipe` at `scale`; `overrides` maps dotted keys to values, e.g. {"sft.learning_rate": 1e-4}."""
+def post_train(
+    recipe: str = "lowlr", scale: str = "demo", overrides: dict[str, Any] | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Post-train a model with `recipe` at `scale`.
+
+    `overrides` maps dotted config keys to values, e.g. {"sft.learning_rate": 1e-4}; `force`
+    reruns every stage even when its cached result matches.
+    """
     config = load_config(recipe, scale, overrides)
     run_name = flow_run.get_name() or "local"
     run_dir = _run_directory(config.runs_dir, config.recipe, run_name)
@@ -52,10 +58,10 @@ def post_train(recipe: str = "lowlr", scale: str = "demo", overrides: dict[str, 
     try:
         data = prepare_task(config)
         client.set_tag(parent_id, "data_hash", data.data_hash)
-        base = pretrain_task(config, data, parent_id)
-        sft = sft_task(config, base.path, data, str(run_dir), parent_id)
-        dpo = dpo_task(config, sft.path, data, str(run_dir), parent_id)
-        evaluation = evaluate_task(config, dpo.path, data, parent_id)
+        base = pretrain_task(config, data, str(run_dir), parent_id, force)
+        sft = sft_task(config, base.path, data, str(run_dir), parent_id, force)
+        dpo = dpo_task(config, sft.path, data, str(run_dir), parent_id, force)
+        evaluation = evaluate_task(config, dpo.path, data, str(run_dir), parent_id, force)
         registration = register_task(config, dpo.path, evaluation.win_rate, data.data_hash, str(flow_run.get_id()), parent_id)
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
@@ -69,8 +75,8 @@ def post_train(recipe: str = "lowlr", scale: str = "demo", overrides: dict[str, 
         "scale": config.scale,
         "data_hash": data.data_hash,
         "base_model": {"path": base.path, "cache_hit": base.cache_hit, **base.metrics},
-        "sft": sft.metrics,
-        "dpo": dpo.metrics,
+        "sft": {**sft.metrics, "cache_hit": sft.cache_hit},
+        "dpo": {**dpo.metrics, "cache_hit": dpo.cache_hit},
         "evaluation": evaluation.metrics,
         "mlflow_run_uri": f"runs:/{parent_id}",
         "mlflow_run_id": parent_id,

@@ -56,7 +56,49 @@ def main(argv: list[str] | None = None) -> int:
         help="override a config value, e.g. -o sft.learning_rate=1e-4 (repeatable)",
     )
     commands.add_parser("recipes", help="list recipes and scales")
+    compare_parser = commands.add_parser(
+        "compare", help="compare SFT objectives x SFT learning rates x seeds by post-DPO win rate"
+    )
+    compare_parser.add_argument("--recipe", default="baseline", help="base recipe, for everything the grid does not set")
+    compare_parser.add_argument("--scale", default="demo", help=f"one of {available_scales()} or a .yaml path")
+    compare_parser.add_argument(
+        "--objectives", nargs="+", default=["nll", "dft", "fdiv:pearson_chi2"], metavar="OBJECTIVE",
+        help="SFT objectives (sft.objective names)",
+    )
+    compare_parser.add_argument(
+        "--learning-rates", nargs="+", type=float, default=None, metavar="LR",
+        help="SFT learning rates (default: the recipe's and a quarter of it)",
+    )
+    compare_parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="SFT and DPO seeds")
+    compare_parser.add_argument("--parallelism", type=int, default=1, help="grid cells run at once")
+    compare_parser.add_argument("--force", action="store_true", help="rerun stages even when cached")
+    compare_parser.add_argument(
+        "-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value for every cell (repeatable)",
+    )
     args = parser.parse_args(argv)
+
+    if args.command == "compare":
+        from post_train.comparison import plan_grid
+
+        try:
+            overrides = flatten(parse_overrides(args.override))
+            plan_grid(args.recipe, args.scale, args.objectives, args.learning_rates, args.seeds, overrides, args.parallelism)
+        except ConfigError as error:  # refuse a bad grid before Prefect starts
+            print(f"post-train: {error}", file=sys.stderr)
+            return 2
+        from flows.compare import compare
+
+        result = compare(
+            recipe=args.recipe, scale=args.scale, objectives=args.objectives, learning_rates=args.learning_rates,
+            seeds=args.seeds, overrides=overrides, parallelism=args.parallelism, force=args.force,
+        )
+        print("\n" + result["markdown"])
+        if result["aggregated_markdown"]:
+            print("mean over seeds (95% CI: Student t over the per-seed win rates):\n\n" + result["aggregated_markdown"])
+        print(f"results: {result['output_dir']}")
+        print(f"MLflow run: {result['mlflow_run_uri']}   (mlflow ui --backend-store-uri {tracking_uri()} --port 5000)")
+        return 0
 
     if args.command == "recipes":
         print("recipes:", ", ".join(available_recipes()))

@@ -153,6 +153,10 @@ class RegistryConfig(StrictModel):
     champion_alias: str = "champion"
 
 
+class ComputeConfig(StrictModel):
+    num_processes: int = Field(default=1, ge=1, description="Processes per training stage; more than 1 uses `accelerate launch`.")
+
+
 class PipelineConfig(StrictModel):
     recipe: str
     scale: str
@@ -164,6 +168,7 @@ class PipelineConfig(StrictModel):
     dpo: DPOConfig
     evaluation: EvaluationConfig = EvaluationConfig()
     registry: RegistryConfig = RegistryConfig()
+    compute: ComputeConfig = ComputeConfig()
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     runs_dir: str = "runs"
     cache_dir: str = "cache"

@@ -64,13 +64,6 @@ def stage_run(stage: str, parent_run_id: str | None, params: dict[str, Any] | No
         yield run
 
 
-def log_history(history: list[dict[str, float]], prefix: str = "") -> None:
-    """Per-step metrics, batched into one call per logged step."""
-    for entry in history:
-        step = int(entry["step"])
-        mlflow.log_metrics({f"{prefix}{k}": v for k, v in entry.items() if k != "step"}, step=step)
-
-
 def log_curves(history: list[dict[str, float]], keys: list[str], name: str, title: str) -> None:
     """A PNG with one panel per metric against the optimizer step."""
     keys = [key for key in keys if any(key in entry for entry in history)]
@@ -87,3 +80,10 @@ def log_curves(history: list[dict[str, float]], keys: list[str], name: str, titl
     figure.tight_layout()
     mlflow.log_figure(figure, name)
     plt.close(figure)
+
+
+def record_cache_hit(stage: str, parent_run_id: str | None, key: str, metrics: dict[str, float]) -> None:
+    """A child run for a stage whose result came from the cache, so every flow run shows every stage."""
+    with stage_run(stage, parent_run_id):
+        mlflow.set_tags({"cache_hit": "true", "cache_key": key})
+        mlflow.log_metrics(metrics)

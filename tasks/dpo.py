@@ -18,7 +18,8 @@ from losses import preference_loss, preference_metrics
 from post_train.config import PipelineConfig
 from post_train.data import PreferenceExample, load_dataset_checked
 from post_train.modeling import load_model, load_tokenizer, pad_collate, target_logprobs
-from post_train.reference import reference_logps
+from post_train.launch import run_stage, should_retry, stage_main
+from post_train.reference import model_fingerprint, reference_logps
 from post_train.tracking import log_curves, stage_run
 from post_train.training import StepOutput, make_accelerator, save_checkpoint, train
 from tasks.prepare import PreparedData
@@ -69,7 +70,8 @@ def add_reference_logps(pairs: list[dict[str, Any]], rows: list[list[float]]) ->
             pair[f"ref_{side}"] = sum(value for value, keep in zip(row, counted) if keep)
 
 
-def run(config: PipelineConfig, sft_model_path: str, data: PreparedData, run_dir: str, parent_run_id: str | None = None) -> TrainedModel:
+def run(config: PipelineConfig, sft_model_path: str, data: PreparedData, output_dir: str, parent_run_id: str | None = None) -> TrainedModel:
+    """DPO of `sft_model_path` on `data.preferences`; the model goes to `output_dir`/model."""
     settings = config.dpo
     loss = preference_loss(settings.loss, **settings.loss_params)
     tokenizer = load_tokenizer(sft_model_path)
@@ -111,7 +113,7 @@ def run(config: PipelineConfig, sft_model_path: str, data: PreparedData, run_dir
             on_log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
             description=f"dpo ({settings.loss})",
         )
-        path = save_checkpoint(accelerator, model, tokenizer, Path(run_dir) / "dpo")
+        path = save_checkpoint(accelerator, model, tokenizer, Path(output_dir) / "model")
         log_curves(history, DPO_CURVES, "dpo_curves.png", f"DPO ({settings.loss}), lr {settings.learning_rate:g}")
         final = history[-1]
         metrics = {
@@ -124,4 +126,18 @@ def run(config: PipelineConfig, sft_model_path: str, data: PreparedData, run_dir
         return TrainedModel(path=str(path), metrics=metrics, run_id=run.info.run_id)
 
 
-dpo_task = task(run, name="dpo")
+@task(name="dpo", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=should_retry)
+def dpo_task(
+    config: PipelineConfig, sft_model_path: str, data: PreparedData, run_dir: str,
+    parent_run_id: str | None = None, force: bool = False,
+) -> TrainedModel:
+    return run_stage(
+        "dpo", run, {"config": config, "sft_model_path": sft_model_path, "data": data, "parent_run_id": parent_run_id},
+        {"dpo": config.dpo.model_dump(mode="json"), "mixed_precision": config.mixed_precision,
+         "sft_model": model_fingerprint(sft_model_path), "data_hash": data.data_hash},
+        config, run_dir, parent_run_id, force,
+    )
+
+
+if __name__ == "__main__":
+    stage_main(run)

@@ -6,8 +6,10 @@ higher than the reference response's. Win rate and standard error per split and 
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import mlflow
@@ -16,7 +18,9 @@ from prefect import task
 from post_train.config import PipelineConfig
 from post_train.data import load_dataset_checked
 from post_train.evaluation import GenerationSettings, generate_responses, last_user_message, preference, win_rate
+from post_train.launch import run_stage, should_retry, stage_main
 from post_train.modeling import load_model, load_tokenizer
+from post_train.reference import model_fingerprint
 from post_train.tracking import stage_run
 from post_train.world.reward import gold_reward
 from tasks.prepare import PreparedData
@@ -29,6 +33,7 @@ class Evaluation:
     metrics: dict[str, float]
     """`win_rate/<split>`, `win_rate_se/<split>`, `gold_reward/<split>`, ... with split `all` overall."""
     run_id: str
+    cache_hit: bool = False
 
     @property
     def win_rate(self) -> float:
@@ -49,7 +54,8 @@ def _plot_win_rates(metrics: dict[str, float], splits: list[str], title: str) ->
     plt.close(figure)
 
 
-def run(config: PipelineConfig, model_path: str, data: PreparedData, parent_run_id: str | None = None) -> Evaluation:
+def run(config: PipelineConfig, model_path: str, data: PreparedData, output_dir: str, parent_run_id: str | None = None) -> Evaluation:
+    """Win rates of `model_path` against the references of `data.eval`; samples go to `output_dir` too."""
     settings = config.evaluation
     examples = load_dataset_checked(data.eval, "eval")
     tokenizer = load_tokenizer(model_path)
@@ -84,12 +90,26 @@ def run(config: PipelineConfig, model_path: str, data: PreparedData, parent_run_
             metrics[f"reference_gold_reward/{split}"] = sum(s[1] for s in scores) / len(scores)
             metrics[f"num_prompts/{split}"] = len(verdicts)
         mlflow.log_metrics(metrics)
-        mlflow.log_table(
-            {key: [sample[key] for sample in samples] for key in samples[0]}, artifact_file="eval_samples.json"
-        )
+        table = {key: [sample[key] for sample in samples] for key in samples[0]}
+        mlflow.log_table(table, artifact_file="eval_samples.json")
+        Path(output_dir, "eval_samples.json").write_text(json.dumps(table, indent=1))
         splits = sorted(s for s in by_split if s != ALL) + [ALL]
         _plot_win_rates(metrics, splits, f"{config.recipe}: final model vs reference ({settings.judge} judge)")
         return Evaluation(metrics=metrics, run_id=run.info.run_id)
 
 
-evaluate_task = task(run, name="evaluate")
+@task(name="evaluate", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=should_retry)
+def evaluate_task(
+    config: PipelineConfig, model_path: str, data: PreparedData, run_dir: str,
+    parent_run_id: str | None = None, force: bool = False,
+) -> Evaluation:
+    return run_stage(
+        "evaluate", run, {"config": config, "model_path": model_path, "data": data, "parent_run_id": parent_run_id},
+        {"evaluation": config.evaluation.model_dump(mode="json"), "model": model_fingerprint(model_path),
+         "data_hash": data.data_hash},
+        config, run_dir, parent_run_id, force,
+    )
+
+
+if __name__ == "__main__":
+    stage_main(run)

@@ -15,6 +15,7 @@ from prefect import task
 
 from post_train.config import PipelineConfig
 from post_train.data import DataError, load_dataset_checked
+from post_train.launch import should_retry
 
 WORLD_FILES = {"sft": "sft.jsonl", "preferences": "preferences.jsonl", "eval": "eval.jsonl"}
 PRETRAIN_FILE = "pretrain.jsonl"
@@ -85,7 +86,7 @@ def run(config: PipelineConfig) -> PreparedData:
     return PreparedData(**sources, data_hash=data_hash, pretrain_corpus=pretrain_corpus, sizes=sizes)
 
 
-prepare_task = task(run, name="prepare", retries=1, retry_delay_seconds=5)
+prepare_task = task(run, name="prepare", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=should_retry)
 
 
 def main() -> None:

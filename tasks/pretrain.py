@@ -1,15 +1,12 @@
 """Stage 2, base model: a user's model as given, or the demo world's tiny Llama pretrained here.
 
-The pretrained base is cached under `cache_dir/base-models/<key>`, the key hashing the
-base-model config, the data hash and the code that builds it, so a second run reuses it
-and any change of those retrains it.
+The pretrained base is cached like every stage (`post_train.launch.run_stage`): a second run
+reuses it unless the base-model config, the data or the code changes.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +17,7 @@ from transformers import LlamaForCausalLM
 
 from losses import sft_objective
 from post_train.config import PipelineConfig
-from post_train.fingerprint import content_key, source_fingerprint
+from post_train.launch import run_stage, should_retry, stage_main
 from post_train.modeling import pad_collate, target_logprobs
 from post_train.tracking import log_curves, stage_run
 from post_train.training import StepOutput, make_accelerator, save_checkpoint, train
@@ -28,22 +25,12 @@ from post_train.world.generate import iter_world_texts
 from post_train.world.model import tiny_llama_config, train_tokenizer
 from tasks.prepare import PreparedData
 
-BASE_MODEL_CODE = ("post_train/world", "post_train/training.py", "post_train/modeling.py", "losses", "tasks/pretrain.py")
-
 
 @dataclass(frozen=True)
 class BaseModel:
     path: str
-    cache_hit: bool
     metrics: dict[str, float]
-
-
-def base_model_key(config: PipelineConfig, data_hash: str) -> str:
-    return content_key(
-        base_model=config.base_model.model_dump(mode="json"),
-        data_hash=data_hash,
-        code=source_fingerprint(*BASE_MODEL_CODE),
-    )
+    cache_hit: bool = False
 
 
 def _pretrain(config: PipelineConfig, corpus: Path, directory: Path) -> dict[str, float]:
@@ -87,27 +74,29 @@ def _pretrain(config: PipelineConfig, corpus: Path, directory: Path) -> dict[str
     return {"loss_first": history[0]["loss"], "loss_final": history[-1]["loss"]}
 
 
-def run(config: PipelineConfig, data: PreparedData, parent_run_id: str | None = None) -> BaseModel:
-    if config.model.name_or_path is not None:
-        return BaseModel(path=config.model.name_or_path, cache_hit=True, metrics={})
+def run(config: PipelineConfig, data: PreparedData, output_dir: str, parent_run_id: str | None = None) -> BaseModel:
+    """Pretrain the demo base model (tokenizer and tiny Llama) into `output_dir`/model."""
     if data.pretrain_corpus is None:
         raise ValueError("the demo base model needs a demo world (data.world) to pretrain on, or set model.name_or_path")
-    directory = Path(config.cache_dir).resolve() / "base-models" / base_model_key(config, data.data_hash)
     with stage_run("pretrain", parent_run_id, {"base_model": config.base_model.model_dump(mode="json")}):
-        cache_hit = (directory / "config.json").is_file()
-        mlflow.set_tag("cache_hit", str(cache_hit).lower())
-        mlflow.log_param("base_model_path", str(directory))
-        metrics: dict[str, float] = {}
-        if not cache_hit:
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            # Train into a scratch directory and rename, so an interrupted run leaves no half-written cache.
-            scratch = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".incomplete-"))
-            try:
-                metrics = _pretrain(config, Path(data.pretrain_corpus), scratch / "model")
-                (scratch / "model").rename(directory)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
-        return BaseModel(path=str(directory), cache_hit=cache_hit, metrics=metrics)
+        metrics = _pretrain(config, Path(data.pretrain_corpus), Path(output_dir) / "model")
+        mlflow.log_metrics(metrics)
+    return BaseModel(path=str(Path(output_dir) / "model"), metrics=metrics)
 
 
-pretrain_task = task(run, name="pretrain-base-model")
+@task(name="pretrain-base-model", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=should_retry)
+def pretrain_task(
+    config: PipelineConfig, data: PreparedData, run_dir: str, parent_run_id: str | None = None, force: bool = False
+) -> BaseModel:
+    """The user's model as given, or the demo base model, pretrained once per config, data and code."""
+    if config.model.name_or_path is not None:
+        return BaseModel(path=config.model.name_or_path, metrics={})
+    return run_stage(
+        "pretrain", run, {"config": config, "data": data, "parent_run_id": parent_run_id},
+        {"base_model": config.base_model.model_dump(mode="json"), "data_hash": data.data_hash},
+        config, run_dir, parent_run_id, force,
+    )
+
+
+if __name__ == "__main__":
+    stage_main(run)

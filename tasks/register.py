@@ -17,6 +17,7 @@ from prefect import task
 
 from post_train.config import PipelineConfig
 from post_train.fingerprint import REPO_ROOT
+from post_train.launch import should_retry
 from post_train.tracking import stage_run, tracking_uri
 
 WIN_RATE_TAG = "win_rate"
@@ -85,4 +86,4 @@ def run(
         )
 
 
-register_task = task(run, name="register")
+register_task = task(run, name="register", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=should_retry)

@@ -21,7 +21,8 @@ from losses import sft_objective
 from post_train.config import PipelineConfig
 from post_train.data import EvalExample, SFTExample, load_dataset_checked, prompt_and_completion_ids
 from post_train.modeling import entropy_and_kl, load_model, load_tokenizer, pad_collate, target_logprobs
-from post_train.reference import reference_logps
+from post_train.launch import run_stage, should_retry, stage_main
+from post_train.reference import model_fingerprint, reference_logps
 from post_train.tracking import log_curves, stage_run
 from post_train.training import StepOutput, make_accelerator, save_checkpoint, train
 from tasks.prepare import PreparedData
@@ -34,6 +35,7 @@ class TrainedModel:
     path: str
     metrics: dict[str, float]
     run_id: str
+    cache_hit: bool = False
 
 
 def completion_example(tokenizer, prompt: list[dict], completion: list[dict], max_length: int) -> dict[str, Any]:
@@ -59,7 +61,8 @@ def held_out_batch(tokenizer, examples: list[EvalExample], size: int, max_length
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
-def run(config: PipelineConfig, base_model_path: str, data: PreparedData, run_dir: str, parent_run_id: str | None = None) -> TrainedModel:
+def run(config: PipelineConfig, base_model_path: str, data: PreparedData, output_dir: str, parent_run_id: str | None = None) -> TrainedModel:
+    """SFT of `base_model_path` on `data.sft`; the model goes to `output_dir`/model."""
     settings = config.sft
     objective = sft_objective(settings.objective, **settings.objective_params)
     tokenizer = load_tokenizer(base_model_path)
@@ -107,7 +110,7 @@ def run(config: PipelineConfig, base_model_path: str, data: PreparedData, run_di
             rollout_steps=settings.rollout_steps if objective.needs_old else 1,
             description=f"sft ({settings.objective})",
         )
-        path = save_checkpoint(accelerator, model, tokenizer, Path(run_dir) / "sft")
+        path = save_checkpoint(accelerator, model, tokenizer, Path(output_dir) / "model")
         log_curves(history, SFT_CURVES, "sft_curves.png", f"SFT with {settings.objective}, lr {settings.learning_rate:g}")
         final = history[-1]
         metrics = {
@@ -120,4 +123,18 @@ def run(config: PipelineConfig, base_model_path: str, data: PreparedData, run_di
         return TrainedModel(path=str(path), metrics=metrics, run_id=run.info.run_id)
 
 
-sft_task = task(run, name="sft")
+@task(name="sft", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=should_retry)
+def sft_task(
+    config: PipelineConfig, base_model_path: str, data: PreparedData, run_dir: str,
+    parent_run_id: str | None = None, force: bool = False,
+) -> TrainedModel:
+    return run_stage(
+        "sft", run, {"config": config, "base_model_path": base_model_path, "data": data, "parent_run_id": parent_run_id},
+        {"sft": config.sft.model_dump(mode="json"), "mixed_precision": config.mixed_precision,
+         "base_model": model_fingerprint(base_model_path), "data_hash": data.data_hash},
+        config, run_dir, parent_run_id, force,
+    )
+
+
+if __name__ == "__main__":
+    stage_main(run)

@@ -84,7 +84,7 @@ def smoke_stages(smoke_workspace: Path, _shared_store_path: Path):
     try:
         config = load_config("lowlr", "smoke", smoke_overrides(smoke_workspace))
         data = prepare.run(config)
-        base = pretrain.run(config, data)
+        base = pretrain.run(config, data, str(smoke_workspace / "base"))
     finally:
         if previous is None:
             os.environ.pop("MLFLOW_TRACKING_URI")

@@ -1,0 +1,182 @@
+"""The `compare` flow: SFT objectives × SFT learning rates × seeds, compared by post-DPO win rate.
+
+Composition only: the grid, the tables, the statistics and the plots are in
+`post_train/comparison.py`; the stages are the tasks from `tasks/`. The flow validates every
+cell's configuration before any work, runs the shared stages once (prepare, base model),
+then SFT → DPO → evaluate for each cell, `parallelism` cells at a time (the heavy stages run
+as child processes, so threads are enough), and writes the results table and plots to a local
+folder and to the parent MLflow run.
+
+MLflow: a parent run `compare-<flow run name>` holds the tables and plots; the base model's
+run hangs under it, and one run per cell (params `sft.objective`, `sft.learning_rate`, `seed`;
+metrics: the cell's row) holds that cell's `sft`, `dpo` and `evaluate` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from post_train import comparison
+from post_train.comparison import Cell
+from post_train.config import PipelineConfig
+from post_train.tracking import experiment_id, flatten, tracking_uri
+from tasks.dpo import dpo_task
+from tasks.evaluate import evaluate_task
+from tasks.prepare import PreparedData, prepare_task
+from tasks.pretrain import pretrain_task
+from tasks.sft import sft_task
+
+
+def _log_batches(client: MlflowClient, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None) -> None:
+    """Params and metrics in batches of 100 (MLflow's limit per call)."""
+    now = int(time.time() * 1000)
+    items = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start : start + 100])
+    values = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+    for start in range(0, len(values), 100):
+        client.log_batch(run_id, metrics=values[start : start + 100])
+
+
+@task(name="compare-cell", task_run_name="cell {cell.slug}")
+def compare_cell(
+    cell: Cell, config: PipelineConfig, base_model_path: str, data: PreparedData, run_dir: str,
+    parent_run_id: str, force: bool = False,
+) -> dict[str, Any]:
+    """SFT → DPO → evaluate for one cell under its own MLflow run; returns the cell's table row."""
+    client = MlflowClient(tracking_uri())
+    run_id = client.create_run(
+        experiment_id(), run_name=cell.slug,
+        tags={MLFLOW_PARENT_RUN_ID: parent_run_id, "compare_cell": cell.name, "objective": cell.objective},
+    ).info.run_id
+    _log_batches(client, run_id, params={"sft.objective": cell.objective, "sft.learning_rate": cell.learning_rate, "seed": cell.seed})
+    try:
+        sft = sft_task(config, base_model_path, data, run_dir, run_id, force)
+        dpo = dpo_task(config, sft.path, data, run_dir, run_id, force)
+        evaluation = evaluate_task(config, dpo.path, data, run_dir, run_id, force)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    row = comparison.result_row(cell, evaluation.metrics, sft.metrics, dpo.metrics, run_id)
+    _log_batches(client, run_id, metrics={
+        key: value for key, value in row.items() if isinstance(value, float) and key != "sft_learning_rate"
+    })
+    client.set_terminated(run_id, status="FINISHED")
+    return row
+
+
+@flow(name="compare", log_prints=True)
+def compare(
+    recipe: str = "baseline",
+    scale: str = "demo",
+    objectives: list[str] = list(comparison.DEFAULT_OBJECTIVES),  # noqa: B006 (never mutated)
+    learning_rates: list[float] | None = None,
+    seeds: list[int] = [0],  # noqa: B006 (never mutated)
+    overrides: dict[str, Any] | None = None,
+    parallelism: int = 1,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Compare SFT `objectives` × SFT `learning_rates` × `seeds` by post-DPO win rate.
+
+    `recipe`/`scale`/`overrides` set everything else, for every cell. `learning_rates=None`
+    means the recipe's SFT learning rate and a quarter of it (baseline vs lowlr). `parallelism`
+    cells run at once; `force` reruns every stage even when its cached result matches.
+    Returns the table rows (`rows`, and `aggregated` over seeds when there are several),
+    the markdown tables, the output folder and the files written there, and the parent MLflow run.
+    """
+    grid = comparison.plan_grid(recipe, scale, objectives, learning_rates, seeds, overrides, parallelism)
+    base = grid.base
+    logger = get_run_logger()
+    run_name = flow_run.get_name() or "local"
+    out = Path(base.runs_dir).resolve() / f"compare-{time.strftime('%Y%m%d-%H%M%S')}-{run_name}"
+    out.mkdir(parents=True, exist_ok=False)
+    (out / "config.json").write_text(base.model_dump_json(indent=2))
+    spec = {
+        "recipe": base.recipe, "scale": base.scale, "objectives": list(objectives),
+        "learning_rates": list(dict.fromkeys(cell.learning_rate for cell, _ in grid.cells)),
+        "seeds": list(seeds), "overrides": overrides or {}, "parallelism": parallelism,
+        "cells": [{"name": cell.name, "slug": cell.slug, "objective": cell.objective,
+                   "sft_learning_rate": cell.learning_rate, "seed": cell.seed} for cell, _ in grid.cells],
+    }
+    (out / "grid.json").write_text(json.dumps(spec, indent=2, default=str))
+
+    client = MlflowClient(tracking_uri())
+    parent_id = client.create_run(
+        experiment_id(), run_name=f"compare-{run_name}",
+        tags={"flow": "compare", "recipe": base.recipe, "scale": base.scale, "prefect_flow_run_id": str(flow_run.get_id())},
+    ).info.run_id
+    shared = {k: v for k, v in flatten(base.model_dump(mode="json")).items() if not k.startswith(comparison.GRID_KEYS)}
+    grid_params = {f"grid.{k}": " ".join(map(str, spec[k])) for k in ("objectives", "learning_rates", "seeds")}
+    _log_batches(client, parent_id, params={**shared, **grid_params, "grid.parallelism": parallelism})
+    try:
+        data = prepare_task(base)
+        client.set_tag(parent_id, "data_hash", data.data_hash)
+        base_model = pretrain_task(base, data, str(out), parent_id, force)
+        rows, failures = [], []
+        with ThreadPoolTaskRunner(max_workers=parallelism) as runner:
+            futures = [
+                runner.submit(compare_cell, {
+                    "cell": cell, "config": config, "base_model_path": base_model.path, "data": data,
+                    "run_dir": str(out / "cells" / cell.slug), "parent_run_id": parent_id, "force": force,
+                })
+                for cell, config in grid.cells
+            ]
+            for (cell, _), future in zip(grid.cells, futures):
+                try:
+                    rows.append(future.result())
+                except Exception as error:  # the other cells still finish; their stages stay cached
+                    logger.error("cell %s failed: %s", cell.name, error)
+                    failures.append(error)
+        if failures:
+            raise failures[0]
+
+        files = {"csv": comparison.write_csv(rows, out / "results.csv")}
+        markdown = comparison.markdown_table(rows)
+        files["markdown"] = out / "results.md"
+        files["markdown"].write_text(markdown)
+        aggregated, aggregated_markdown = [], ""
+        if len(seeds) > 1:
+            aggregated = comparison.aggregate_rows(rows)
+            aggregated_markdown = comparison.markdown_table(aggregated)
+            files["aggregated_csv"] = comparison.write_csv(aggregated, out / "aggregated.csv")
+            files["aggregated_markdown"] = out / "aggregated.md"
+            files["aggregated_markdown"].write_text(aggregated_markdown)
+        plots = comparison.write_plots(rows, out)
+        for path in [out / "config.json", out / "grid.json", *files.values(), *plots.values()]:
+            client.log_artifact(parent_id, str(path))
+    except BaseException:
+        client.set_terminated(parent_id, status="FAILED")
+        raise
+    client.set_terminated(parent_id, status="FINISHED")
+
+    logger.info("compare: %d cells, results in %s\n%s%s", len(rows), out, markdown,
+                f"\nmean over seeds:\n{aggregated_markdown}" if aggregated_markdown else "")
+    return {
+        "recipe": base.recipe,
+        "scale": base.scale,
+        "data_hash": data.data_hash,
+        "base_model": base_model.path,
+        "rows": rows,
+        "aggregated": aggregated,
+        "markdown": markdown,
+        "aggregated_markdown": aggregated_markdown,
+        "output_dir": str(out),
+        "paths": {name: str(path) for name, path in files.items()} | {"plots": {name: str(p) for name, p in plots.items()}},
+        "mlflow_run_id": parent_id,
+        "mlflow_run_uri": f"runs:/{parent_id}",
+    }
+
+
+def compare_deployment():
+    """The `compare` flow as a deployment named `grid`, for `flows/serve.py` to serve."""
+    return compare.to_deployment(name="grid")

@@ -1,0 +1,148 @@
+"""A local Prefect server for the operator path: reuse the one at `PREFECT_API_URL`, or start one.
+
+`flows/serve.py` serves the deployments; this module only makes sure there is a server to
+serve them to. A server it starts runs `prefect server start` in its own process group, keeps
+its SQLite database under `PREFECT_HOME` (default `~/.prefect/prefect.db`, the same database
+in-process runs use), and is stopped when the `local_server()` block exits, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Iterator
+from urllib.parse import urlsplit
+
+import httpx
+
+DEFAULT_API_URL = "http://127.0.0.1:4200/api"
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0", "::1"}
+# The first start of a server runs its database migrations: 20 s or more on 2 cores.
+STARTUP_TIMEOUT_S = 180.0
+
+
+class ServerError(RuntimeError):
+    """No Prefect server could be reached or started."""
+
+
+def configured_api_url() -> str | None:
+    """`PREFECT_API_URL` from the environment or the active Prefect profile, if any."""
+    from prefect.settings import PREFECT_API_URL
+
+    return os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value() or None
+
+
+def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
+    """Whether `<api_url>/health` answers 200."""
+    try:
+        return httpx.get(f"{api_url.rstrip('/')}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def server_command(host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+
+
+def start_server(
+    host: str = "127.0.0.1",
+    port: int = 4200,
+    prefect_home: Path | str | None = None,
+    log: IO[bytes] | int | None = None,
+) -> subprocess.Popen:
+    """`prefect server start` as a child process in its own process group (stop it with `stop_server`).
+
+    `prefect_home` (default: the current `PREFECT_HOME`) holds its SQLite database. Output goes
+    to `log` (default: this process's stdout/stderr).
+    """
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    env.pop("PREFECT_API_URL", None)  # the server itself is no client of another one
+    if prefect_home is not None:
+        env["PREFECT_HOME"] = str(prefect_home)
+    return subprocess.Popen(
+        server_command(host, port), env=env, stdout=log, stderr=subprocess.STDOUT if log is not None else None,
+        stdin=subprocess.DEVNULL, start_new_session=True,  # the terminal's Ctrl-C reaches us, not it: we stop it
+    )
+
+
+def wait_until_healthy(api_url: str, process: subprocess.Popen | None = None, timeout: float = STARTUP_TIMEOUT_S) -> None:
+    """Poll `/api/health` until it answers; fail early if `process` (the server) exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if is_healthy(api_url):
+            return
+        if process is not None and process.poll() is not None:
+            raise ServerError(f"`{' '.join(process.args)}` exited with status {process.returncode} before {api_url} was healthy")
+        time.sleep(0.5)
+    raise ServerError(f"{api_url}/health did not answer within {timeout:.0f} s")
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the process group `process` leads, then SIGKILL what is left after `grace` seconds."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # children of the leader too, even when the leader has exited
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait()
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    stop_process_group(process)
+
+
+@contextmanager
+def local_server(api_url: str | None = None, timeout: float = STARTUP_TIMEOUT_S) -> Iterator[str]:
+    """Yield the URL of a healthy Prefect API, starting a local server if none answers there.
+
+    `api_url` defaults to `PREFECT_API_URL` (from the environment or the Prefect profile), else
+    http://127.0.0.1:4200/api. A server already answering is reused and left running; one this
+    block starts (only for a local address) is stopped when the block exits. Inside the block,
+    `PREFECT_API_URL` is set in `os.environ` and in Prefect's settings, so this process and the
+    flow-run processes it starts talk to that server.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = (api_url or configured_api_url() or DEFAULT_API_URL).rstrip("/")
+    process = None
+    if is_healthy(url):
+        print(f"Using the Prefect server at {url}", flush=True)
+    else:
+        parts = urlsplit(url)
+        if parts.hostname not in LOCAL_HOSTS:
+            raise ServerError(f"no Prefect server answers at {url}, and it is not a local address to start one on")
+        host, port = parts.hostname, parts.port or 4200
+        print(f"Starting a Prefect server on {host}:{port} (database under PREFECT_HOME)...", flush=True)
+        process = start_server(host if host != "localhost" else "127.0.0.1", port)
+        try:
+            wait_until_healthy(url, process, timeout)
+        except BaseException:
+            stop_server(process)
+            raise
+        print(f"Prefect server ready: UI at {url.removesuffix('/api')}", flush=True)
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+        if process is not None:
+            print("Stopping the Prefect server this process started...", flush=True)
+            stop_server(process)
