@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from prefect import task
 
 from post_train.config import PipelineConfig
 from post_train.data import DataError, load_dataset_checked
-from post_train.launch import should_retry
+from post_train.launch import should_retry, stage_main
 
 WORLD_FILES = {"sft": "sft.jsonl", "preferences": "preferences.jsonl", "eval": "eval.jsonl"}
 PRETRAIN_FILE = "pretrain.jsonl"
@@ -89,19 +88,5 @@ def run(config: PipelineConfig) -> PreparedData:
 prepare_task = task(run, name="prepare", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=should_retry)
 
 
-def main() -> None:
-    import argparse
-
-    from post_train.config import load_config
-
-    parser = argparse.ArgumentParser(description="Prepare and validate a recipe's datasets.")
-    parser.add_argument("--recipe", default="lowlr")
-    parser.add_argument("--scale", default="demo")
-    parser.add_argument("overrides", nargs="*", help="key.path=value")
-    args = parser.parse_args()
-    prepared = run(load_config(args.recipe, args.scale, args.overrides))
-    print(json.dumps(prepared.__dict__, indent=2))
-
-
 if __name__ == "__main__":
-    main()
+    stage_main(run)

@@ -70,10 +70,13 @@ def test_post_train_runs_end_to_end_and_registers_a_champion(prefect_server, wor
     assert {"win_rates.png", "eval_samples.json"} <= artifacts["evaluate"]
     assert "config.json" in {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
 
-    # A second run reuses the pretrained base model: same config, data and code.
-    again = post_train(recipe="baseline", scale="smoke", overrides=smoke_overrides(workspace))
+    # A new DPO beta reuses the cached base and SFT models and reruns only DPO onwards.
+    again = post_train(recipe="lowlr", scale="smoke", overrides={**smoke_overrides(workspace), "dpo.loss_params.beta": 0.2})
     assert again["base_model"]["cache_hit"] and again["base_model"]["path"] == summary["base_model"]["path"]
+    assert again["sft"]["cache_hit"] and not again["dpo"]["cache_hit"]
     assert again["model_version"] == "2"
+    cached_sft = runs_by_stage(client, again["mlflow_run_id"])["sft"]
+    assert cached_sft.data.tags["cache_hit"] == "true" and "loss_final" in cached_sft.data.metrics
 
 
 def test_bad_configuration_is_refused_before_any_work(prefect_server, workspace, mlflow_store):
