@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         "-o", "--override", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. -o sft.learning_rate=1e-4 (repeatable)",
     )
+    run_parser.add_argument("--force", action="store_true", help="rerun every stage, ignoring cached results")
     commands.add_parser("recipes", help="list recipes and scales")
     compare_parser = commands.add_parser(
         "compare", help="compare SFT objectives x SFT learning rates x seeds by post-DPO win rate"
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from flows.post_train import post_train
 
-    summary = post_train(recipe=args.recipe, scale=args.scale, overrides=flatten(overrides))
+    summary = post_train(recipe=args.recipe, scale=args.scale, overrides=flatten(overrides), force=args.force)
     print(format_summary(summary))
     return 0
 
