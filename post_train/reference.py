@@ -9,6 +9,7 @@ token ids, so a change of model, tokenizer, chat template or `max_length` misses
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -75,10 +76,11 @@ def reference_logps(
         return [row.tolist() for row in torch.split(stored["values"], stored["lengths"].tolist())], True
     rows = _compute(load_reference().to(device), examples, collate, batch_size, device)
     file.parent.mkdir(parents=True, exist_ok=True)
-    partial = file.with_suffix(".partial")
+    # One scratch file per process: two stages may compute the same entry at once.
+    partial = file.with_suffix(f".{os.getpid()}.partial")
     torch.save(
         {"values": torch.tensor([v for row in rows for v in row]), "lengths": torch.tensor([len(r) for r in rows])},
         partial,
     )
-    partial.rename(file)
+    os.replace(partial, file)
     return rows, False

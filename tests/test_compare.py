@@ -11,6 +11,8 @@ import pytest
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
+import flows.compare  # imported here, not under capsys: the first `from prefect import flow` binds Prefect's log handler to stderr
+from flows.compare import compare, compare_deployment
 from post_train import comparison
 from post_train.comparison import Cell
 from post_train.config import ConfigError
@@ -195,7 +197,6 @@ def test_cli_refuses_a_bad_grid_before_prefect_starts(capsys):
 
 
 def test_cli_passes_the_grid_to_the_flow_and_prints_the_table(monkeypatch, capsys):
-    import flows.compare
     from post_train.cli import main
 
     calls = []
@@ -217,8 +218,6 @@ def test_cli_passes_the_grid_to_the_flow_and_prints_the_table(monkeypatch, capsy
 
 
 def test_compare_deployment():
-    from flows.compare import compare_deployment
-
     deployment = compare_deployment()
     assert (deployment.name, deployment.flow_name) == ("grid", "compare")
 
@@ -244,8 +243,6 @@ def children(client: MlflowClient, parent_id: str) -> list:
 
 
 def test_compare_two_objectives_at_smoke_scale(prefect_server, workspace, mlflow_store):
-    from flows.compare import compare
-
     result = compare(
         recipe="baseline", scale="smoke", objectives=["nll", "dft"], learning_rates=[2e-3], seeds=[0],
         overrides=smoke_overrides(workspace), parallelism=2,
@@ -289,8 +286,6 @@ def test_compare_two_objectives_at_smoke_scale(prefect_server, workspace, mlflow
 
 
 def test_a_grid_with_an_unknown_objective_fails_before_any_stage(prefect_server, workspace, mlflow_store):
-    from flows.compare import compare
-
     with pytest.raises(ConfigError, match="unknown SFT objective 'nope'"):
         compare(recipe="baseline", scale="smoke", objectives=["nll", "nope"], seeds=[0],
                 overrides=smoke_overrides(workspace), parallelism=2)
