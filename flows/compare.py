@@ -179,4 +179,9 @@ def compare(
 
 def compare_deployment():
     """The `compare` flow as a deployment named `grid`, for `flows/serve.py` to serve."""
-    return compare.to_deployment(name="grid")
+    from prefect.types.entrypoint import EntrypointType
+
+    return compare.to_deployment(
+        name="grid", tags=["post-train", "compare"], entrypoint_type=EntrypointType.MODULE_PATH,
+        description="Compare SFT objectives x learning rates x seeds by post-DPO win rate.",
+    )

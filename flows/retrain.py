@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.post_train import post_train
+from flows.pipeline import post_train
 from post_train.config import load_config
 from post_train.tracking import experiment_id, tracking_uri
 from tasks.prepare import prepare_task

@@ -18,13 +18,15 @@ import argparse
 import os
 import signal
 import sys
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 from prefect.types.entrypoint import EntrypointType
 
-from flows.post_train import post_train
+from flows.compare import compare_deployment
+from flows.pipeline import post_train
 from flows.retrain import retrain
 from post_train.config import available_recipes
 
@@ -35,16 +37,17 @@ TIMEZONE_ENV = "POST_TRAIN_RETRAIN_TIMEZONE"
 TAGS = ["post-train"]
 
 
-def build_deployments(
-    retrain_cron: str | None = DEFAULT_RETRAIN_CRON,
-    timezone: str = "UTC",
-    retrain_parameters: dict | None = None,
-) -> list[RunnerDeployment]:
+def build_deployments(retrain_cron: str | None = DEFAULT_RETRAIN_CRON, timezone: str = "UTC") -> list[RunnerDeployment]:
     """`post-train/<recipe>` for every recipe in recipes/, and `retrain/scheduled`.
 
     An empty `retrain_cron` registers `retrain/scheduled` without a schedule (runs on demand only).
+    Raises ValueError for a bad cron string or time zone.
     """
-    # Module entrypoints (`flows.post_train.post_train`) load from the installed package, whatever
+    try:
+        ZoneInfo(timezone)
+    except (ValueError, ZoneInfoNotFoundError):
+        raise ValueError(f"unknown time zone {timezone!r}") from None
+    # Module entrypoints (`flows.pipeline.post_train`) load from the installed package, whatever
     # the flow-run process's working directory.
     deployments = [
         post_train.to_deployment(
@@ -61,12 +64,12 @@ def build_deployments(
         retrain.to_deployment(
             name=RETRAIN_DEPLOYMENT,
             schedules=schedules,
-            parameters=retrain_parameters or {},
             description="Retrain when the data changed since the champion was trained; record a skip otherwise.",
             tags=[*TAGS, "retrain"],
             entrypoint_type=EntrypointType.MODULE_PATH,
         )
     )
+    deployments.append(compare_deployment())
     return deployments
 
 
@@ -91,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from post_train.server import ServerError, local_server
 
-    deployments = build_deployments(args.retrain_cron, args.retrain_timezone)
+    try:
+        deployments = build_deployments(args.retrain_cron, args.retrain_timezone)
+    except ValueError as error:
+        parser.error(f"retrain schedule: {error}")
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server we started, as Ctrl-C does
     try:
         with local_server():

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"post-train: {error}", file=sys.stderr)
         return 2
-    from flows.post_train import post_train
+    from flows.pipeline import post_train
 
     summary = post_train(recipe=args.recipe, scale=args.scale, overrides=flatten(overrides), force=args.force)
     print(format_summary(summary))

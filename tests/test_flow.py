@@ -36,7 +36,7 @@ def runs_by_stage(client: MlflowClient, parent_id: str) -> dict[str, object]:
 
 
 def test_post_train_runs_end_to_end_and_registers_a_champion(prefect_server, workspace, mlflow_store):
-    from flows.post_train import post_train
+    from flows.pipeline import post_train
 
     summary = post_train(recipe="lowlr", scale="smoke", overrides=smoke_overrides(workspace))
     client = MlflowClient(mlflow_store)
@@ -80,7 +80,7 @@ def test_post_train_runs_end_to_end_and_registers_a_champion(prefect_server, wor
 
 
 def test_bad_configuration_is_refused_before_any_work(prefect_server, workspace, mlflow_store):
-    from flows.post_train import post_train
+    from flows.pipeline import post_train
 
     overrides = {**smoke_overrides(workspace), "sft.learning_rate": -1e-4}
     with pytest.raises(ConfigError, match="sft.learning_rate: Input should be greater than 0"):
@@ -90,7 +90,7 @@ def test_bad_configuration_is_refused_before_any_work(prefect_server, workspace,
 
 
 def test_a_malformed_row_fails_the_run_before_training(prefect_server, workspace, mlflow_store):
-    from flows.post_train import post_train
+    from flows.pipeline import post_train
 
     bad = workspace / "sft.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "Copy: a"}]}) + "\n")
@@ -103,7 +103,7 @@ def test_a_malformed_row_fails_the_run_before_training(prefect_server, workspace
 
 
 def test_a_users_own_model_and_datasets_from_local_paths(prefect_server, workspace, mlflow_store, smoke_stages):
-    from flows.post_train import post_train
+    from flows.pipeline import post_train
 
     _, data, base = smoke_stages
     model_dir = shutil.copytree(base.path, workspace / "my-model")

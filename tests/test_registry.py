@@ -1,6 +1,5 @@
 from mlflow import MlflowClient
 
-from post_train.config import load_config
 from tasks import register
 
 
