@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM := false
 RECIPE ?= lowlr
 SCALE ?= demo
 
-.PHONY: install demo serve test mlflow-ui prefect-ui clean
+.PHONY: install demo serve test mlflow-ui prefect-ui clean sky-env test-sky
 
 install: $(STAMP)
 
@@ -48,3 +48,24 @@ prefect-ui: install
 
 clean:
 	rm -rf runs cache data mlflow.db mlartifacts
+
+# SkyPilot, the client that launches stages on cloud GPUs (compute.backend: skypilot), in its own
+# virtual environment: it pins click<8.2, which huggingface-hub and dvc cannot share. Add cloud
+# extras with SKY_CLOUDS, e.g. `make sky-env SKY_CLOUDS=aws` or `SKY_CLOUDS=gcp,kubernetes`.
+SKY_VENV := .sky-venv
+SKYPILOT_VERSION ?= 0.14.1
+SKY_CLOUDS ?=
+comma := ,
+SKY_STAMP := $(SKY_VENV)/.installed-$(SKYPILOT_VERSION)$(if $(SKY_CLOUDS),-$(subst $(comma),-,$(SKY_CLOUDS)))
+
+sky-env: $(SKY_STAMP)
+
+$(SKY_STAMP):
+	test -x $(SKY_VENV)/bin/python || $(PYTHON) -m venv $(SKY_VENV)
+	$(SKY_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SKY_VENV)/bin/python -m pip install --quiet 'skypilot$(if $(SKY_CLOUDS),[$(SKY_CLOUDS)])==$(SKYPILOT_VERSION)'
+	touch $@
+
+# The SkyPilot tests, with every task YAML in sky/ validated by SkyPilot itself (offline).
+test-sky: install sky-env
+	SKYPILOT_DISABLE_USAGE_COLLECTION=1 $(BIN)/python -m pytest -q tests/test_cloud.py

@@ -71,11 +71,44 @@ class BaseModelConfig(StrictModel):
         return self
 
 
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""`model.chat_template: default`: Zephyr-style turns in plain text (`<|user|>`, `<|assistant|>`), each ended
+by the tokenizer's EOS token, so a base model (Llama-3-8B base has no chat template) learns to stop. The
+prompt rendered with the generation prompt is a prefix of the rendered conversation, as SFT needs."""
+
+
 class ModelConfig(StrictModel):
     name_or_path: str | None = Field(
         default=None,
         description="A Hugging Face model name or a local directory; None builds and pretrains the demo base model.",
     )
+    chat_template: str | None = Field(
+        default=None,
+        description="Chat template (Jinja) set when the model's tokenizer has none; `default` is DEFAULT_CHAT_TEMPLATE. "
+        "A tokenizer's own template is always kept.",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_compiles(cls, template: str | None) -> str | None:
+        if template is None or template == "default":
+            return template
+        import jinja2
+
+        try:
+            jinja2.Environment().parse(template)
+        except jinja2.TemplateSyntaxError as error:
+            raise ValueError(f"not a valid Jinja template ({error}); use `default` or a chat template") from None
+        if "messages" not in template:
+            raise ValueError("a chat template must render `messages`; use `default` or a chat template")
+        return template
+
+    def resolved_chat_template(self) -> str | None:
+        return DEFAULT_CHAT_TEMPLATE if self.chat_template == "default" else self.chat_template
 
 
 class DataConfig(StrictModel):
@@ -139,22 +172,212 @@ class DPOConfig(TrainConfig):
         return self
 
 
+class RewardModelJudgeConfig(StrictModel):
+    """`evaluation.judge: reward_model`: a local or Hub sequence-classification model with one output (a reward)."""
+
+    name_or_path: str = Field(min_length=1, description="AutoModelForSequenceClassification (num_labels=1): a directory or Hub name.")
+    batch_size: int = Field(default=16, ge=1)
+    max_length: int = Field(default=1024, ge=8, description="Tokens of prompt + response; longer ones lose their start.")
+    chat_template: str | None = Field(
+        default=None, description="Jinja chat template for a reward model whose tokenizer has none.",
+    )
+
+
+class LLMJudgeConfig(StrictModel):
+    """`evaluation.judge: llm`: an OpenAI-compatible chat-completions endpoint, asked AlpacaEval-style pairwise questions.
+
+    The API key is read from the environment variable *named* by `api_key_env` when the judge runs; it
+    is never part of the configuration, the logs, MLflow or the cache.
+    """
+
+    base_url: str = Field(description="Endpoint root, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1.")
+    model: str = Field(min_length=1, description="The judge model's name at that endpoint.")
+    api_key_env: str | None = Field(
+        default="OPENAI_API_KEY", description="Name of the environment variable that holds the API key; null: no key.",
+    )
+    logprobs: bool = Field(default=True, description="Ask for top log-probs and read the preference from them.")
+    top_logprobs: int = Field(default=5, ge=2, le=20)
+    max_tokens: int = Field(default=1, ge=1, description="Tokens the judge may answer with (one identifier).")
+    temperature: float = Field(default=0.0, ge=0)
+    timeout_s: float = Field(default=60.0, gt=0, description="Per request.")
+    max_retries: int = Field(default=5, ge=0, description="Retries of a request on a timeout, a connection error, 429 or 5xx.")
+    backoff_s: float = Field(default=1.0, ge=0, description="First retry delay; doubles each retry (capped at 60 s).")
+    concurrency: int = Field(default=8, ge=1, description="Requests in flight at once.")
+    seed: int = Field(default=0, description="Seeds the per-instruction order of the two outputs.")
+    cache_dir: str | None = Field(
+        default=None, description="Directory of the response cache (SQLite); default `<cache_dir>/judge`.",
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r}: expected an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.replace("_", "a").isalnum():
+            # The value is not echoed: it might be the key itself, put here by mistake.
+            raise ValueError("not an environment variable name; give the variable's NAME (e.g. OPENAI_API_KEY), never the key")
+        return value
+
+
 class EvaluationConfig(StrictModel):
-    judge: Literal["gold"] = "gold"
+    judge: Literal["gold", "reward_model", "llm"] = Field(
+        default="gold",
+        description="gold: the demo world's exact reward; reward_model: `evaluation.reward_model`; llm: `evaluation.llm`.",
+    )
+    reward_model: RewardModelJudgeConfig | None = None
+    llm: LLMJudgeConfig | None = None
+    backend: Literal["transformers", "vllm"] = Field(
+        default="transformers", description="Generation: transformers (batched, KV cache) or vLLM (installed separately, GPU).",
+    )
     max_new_tokens: int = Field(default=32, ge=1)
     temperature: float = Field(default=0.0, ge=0, description="0 means greedy decoding.")
     top_p: float = Field(default=1.0, gt=0, le=1)
     batch_size: int = Field(default=64, ge=1)
     seed: int = 0
+    bootstrap_samples: int = Field(default=1000, ge=100, description="Resamples of the bootstrap confidence interval.")
+    confidence: float = Field(default=0.95, gt=0.5, lt=1, description="Level of the bootstrap interval.")
+    diagnostics: bool = Field(
+        default=True, description="Implicit-reward accuracy, Q-value rank correlation, KL to base and entropy (evaluate stage).",
+    )
+    diagnostics_max_examples: int = Field(default=200, ge=1, description="Evaluation prompts the diagnostics use at most.")
+
+    @model_validator(mode="after")
+    def _judge_settings_given(self) -> "EvaluationConfig":
+        if self.judge == "reward_model" and self.reward_model is None:
+            raise ValueError("judge reward_model needs evaluation.reward_model.name_or_path")
+        if self.judge == "llm" and self.llm is None:
+            raise ValueError("judge llm needs evaluation.llm (at least base_url and model)")
+        return self
+
+    def judge_settings(self) -> dict[str, Any]:
+        """The chosen judge and its own settings only (what its verdicts depend on)."""
+        settings = getattr(self, self.judge, None) if self.judge != "gold" else None
+        return {"judge": self.judge, **({self.judge: settings.model_dump(mode="json")} if settings is not None else {})}
 
 
 class RegistryConfig(StrictModel):
     model_name: str = "post-train"
     champion_alias: str = "champion"
+    challenger_alias: str = Field(default="challenger", description="Alias of the newest registered version.")
+    promotion_ci_lower_bound: float = Field(
+        default=0.5, ge=0, le=1,
+        description="A challenger becomes champion when its head-to-head win rate against the champion is above 0.5 "
+        "and the lower bound of its bootstrap confidence interval is above this.",
+    )
+
+    @model_validator(mode="after")
+    def _aliases_differ(self) -> "RegistryConfig":
+        if self.champion_alias == self.challenger_alias:
+            raise ValueError("champion_alias and challenger_alias must differ")
+        return self
+
+
+ACCELERATE_CONFIGS_DIR = REPO_ROOT / "configs" / "accelerate"
+SKY_DIR = REPO_ROOT / "sky"
+BUCKET_SCHEMES = ("s3://", "gs://", "r2://", "https://", "cos://", "oci://", "nebius://")
+
+
+def available_accelerate_configs() -> list[str]:
+    return sorted(path.stem for path in ACCELERATE_CONFIGS_DIR.glob("*.yaml"))
+
+
+def _inside(path: str, root: str) -> bool:
+    return Path(path).is_absolute() and Path(path).resolve().is_relative_to(Path(root).resolve())
 
 
 class ComputeConfig(StrictModel):
-    num_processes: int = Field(default=1, ge=1, description="Processes per training stage; more than 1 uses `accelerate launch`.")
+    """Where and on how many processes the training, SFT, DPO and evaluation stages run.
+
+    `local`: a child process on this machine (`accelerate launch` with more than one process).
+    `skypilot`: the same command as a SkyPilot managed job (`sky/stage.yaml`) on `num_nodes` machines
+    with `accelerators` each, one process per GPU; run and cache directories live on `bucket`, mounted
+    at `remote_root` on the cloud machines and, at the same path, on the machine that launches.
+    None of these settings changes what a stage computes, so none is part of a stage's cache key.
+    """
+
+    backend: Literal["local", "skypilot"] = "local"
+    num_processes: int = Field(default=1, ge=1, description="local: processes per training stage; more than 1 uses `accelerate launch`.")
+    accelerate_config: str | None = Field(
+        default=None,
+        description="`accelerate launch --config_file`: a name in configs/accelerate/ (single_gpu, multi_gpu_fsdp, "
+        "deepspeed_zero3) or a path to a YAML file; None uses accelerate's defaults.",
+    )
+    checkpoint_every: int = Field(
+        default=0, ge=0,
+        description="Save model, optimizer, scheduler and step every this many optimizer steps, and resume from the "
+        "last save when a stage is rerun with the same cache key (a retry, a recovered spot job); 0 = never.",
+    )
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in the backward pass (less memory).")
+    # skypilot
+    accelerators: str = Field(default="H100:8", description="skypilot: GPUs per node, SkyPilot's `NAME:COUNT`.")
+    num_nodes: int = Field(default=1, ge=1, description="skypilot: nodes of a training stage (evaluation uses one GPU).")
+    infra: str | None = Field(default=None, description="skypilot: `--infra`, e.g. aws, gcp/us-central1, k8s/my-context.")
+    use_spot: bool = Field(default=False, description="skypilot: spot instances; the managed job recovers from preemptions.")
+    disk_size: int = Field(default=512, ge=50, description="skypilot: OS disk per node, GB.")
+    bucket: str | None = Field(default=None, description="skypilot: bucket (s3://..., gs://..., r2://...) mounted at remote_root.")
+    remote_root: str = Field(default="/post-train", description="skypilot: where the bucket is mounted, remotely and locally.")
+    sky_bin: str = Field(default=".sky-venv/bin/sky", description="skypilot: the `sky` CLI (`make sky-env` installs it); relative to the repository.")
+    task_yaml: str = Field(default="sky/stage.yaml", description="skypilot: the task every stage runs as; relative to the repository.")
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _accelerate_config_exists(cls, value: str | None) -> str | None:
+        if value is None or value in available_accelerate_configs() or Path(value).is_file():
+            return value
+        raise ValueError(
+            f"{value!r} is neither a config in configs/accelerate/ ({', '.join(available_accelerate_configs())}) nor a file"
+        )
+
+    @field_validator("accelerators")
+    @classmethod
+    def _accelerators_format(cls, value: str) -> str:
+        name, _, count = value.partition(":")
+        if not name or (count and not count.isdigit()) or (count and int(count) < 1):
+            raise ValueError(f"{value!r}: expected SkyPilot's NAME or NAME:COUNT, e.g. H100:8")
+        return value
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_format(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(BUCKET_SCHEMES):
+            raise ValueError(f"{value!r}: expected a bucket URL starting with one of {', '.join(BUCKET_SCHEMES)}")
+        return value
+
+    @field_validator("remote_root")
+    @classmethod
+    def _remote_root_absolute(cls, value: str) -> str:
+        if not value.startswith("/") or value.rstrip("/") == "":
+            raise ValueError(f"{value!r}: must be an absolute path other than /")
+        return value.rstrip("/")
+
+    @property
+    def gpus_per_node(self) -> int:
+        _, _, count = self.accelerators.partition(":")
+        return int(count) if count else 1
+
+    @property
+    def training_processes(self) -> int:
+        """Processes of a training stage: one per GPU on every node (skypilot), or `num_processes` (local)."""
+        return self.num_nodes * self.gpus_per_node if self.backend == "skypilot" else self.num_processes
+
+    def accelerate_config_path(self, in_repository: bool = False) -> str | None:
+        """The accelerate config file: absolute, or relative to the repository (a cloud machine's working directory)."""
+        if self.accelerate_config is None:
+            return None
+        if self.accelerate_config in available_accelerate_configs():
+            path = ACCELERATE_CONFIGS_DIR / f"{self.accelerate_config}.yaml"
+        else:
+            path = Path(self.accelerate_config).resolve()
+        if in_repository:
+            if not path.is_relative_to(REPO_ROOT):
+                raise ConfigError(f"compute.accelerate_config {path} must be inside the repository, which is what a cloud machine gets")
+            return str(path.relative_to(REPO_ROOT))
+        return str(path)
 
 
 class PipelineConfig(StrictModel):
@@ -179,6 +402,32 @@ class PipelineConfig(StrictModel):
         if not value:
             raise ValueError("must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _compute_fits(self) -> "PipelineConfig":
+        """Batches that split over the processes, and run/cache directories the cloud machines can see."""
+        compute = self.compute
+        problems = []
+        if compute.backend == "skypilot":
+            for name in ("runs_dir", "cache_dir"):
+                if not _inside(getattr(self, name), compute.remote_root):
+                    problems.append(
+                        f"with compute.backend skypilot, {name} ({getattr(self, name)}) must be an absolute path inside "
+                        f"compute.remote_root ({compute.remote_root}), where the bucket is mounted on every machine"
+                    )
+        processes = compute.training_processes
+        for name, train in (("sft", self.sft), ("dpo", self.dpo), ("base_model.train", self.base_model.train)):
+            if name == "base_model.train" and self.model.name_or_path is not None:
+                continue  # no pretraining stage
+            if train.batch_size % (train.micro_batch_size * processes):
+                problems.append(
+                    f"{name}.batch_size ({train.batch_size}) must be a multiple of {name}.micro_batch_size x processes "
+                    f"({train.micro_batch_size} x {processes}" + (f" = {compute.accelerators} per node x {compute.num_nodes})"
+                                                                  if compute.backend == "skypilot" else ")")
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def fingerprint(self, *sections: str) -> str:
         """A short content hash of the named sections (all when none), for cache keys."""

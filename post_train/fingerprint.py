@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 from pathlib import Path
@@ -10,17 +11,63 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def source_fingerprint(*relative_paths: str) -> str:
-    """sha256 of the Python sources under the given repository paths (files or folders)."""
-    digest = hashlib.sha256()
-    for relative in relative_paths:
-        path = REPO_ROOT / relative
-        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            digest.update(str(file.relative_to(REPO_ROOT)).encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
 def content_key(**parts: Any) -> str:
     """A short hash of JSON-serialisable parts."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+PROJECT_PACKAGES = ("post_train", "losses", "tasks", "flows")
+
+
+def _module_file(name: str) -> Path | None:
+    base = REPO_ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _project_imports(file: Path, package: str) -> set[str]:
+    """Project modules that `file` imports (absolute or relative), package parents included."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parent = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(part for part in (parent, node.module or "") if part)
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        if parts[0] in PROJECT_PACKAGES:
+            found.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+    return found
+
+
+def project_modules(module: str) -> dict[str, Path]:
+    """`module` and every project module it imports, transitively, with their source files."""
+    seen: dict[str, Path] = {}
+    pending = [module]
+    while pending:
+        name = pending.pop()
+        file = None if name in seen else _module_file(name)
+        if file is None:
+            continue
+        seen[name] = file
+        package = name if file.name == "__init__.py" else name.rpartition(".")[0]
+        pending.extend(_project_imports(file, package) - seen.keys())
+    return seen
+
+
+def module_fingerprint(module: str) -> str:
+    """sha256 of the source of `module` and of every project module it imports.
+
+    Code a stage never imports (the CLI, the server launcher) does not change its cache key.
+    """
+    digest = hashlib.sha256()
+    for name, file in sorted(project_modules(module).items()):
+        digest.update(name.encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()

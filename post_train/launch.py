@@ -2,14 +2,17 @@
 
 The Prefect tasks run each heavy stage through `launch`, in a child process, so the process
 that serves deployments never holds a model; the same command runs under `accelerate launch`
-or on a cloud machine. Outputs are cached by content under `cache_dir/stages/<stage>/<key>`,
-the key hashing the stage's config, its inputs' hashes and its code, so an unchanged stage is
-never run twice.
+(`compute.num_processes` > 1, `compute.accelerate_config`) or, with `compute.backend: skypilot`,
+as a SkyPilot managed job on cloud GPUs (`post_train.cloud`). Outputs are cached by content
+under `cache_dir/stages/<stage>/<key>`, the key hashing the stage's config, its inputs' hashes
+and its code, so an unchanged stage is never run twice; training stages checkpoint under
+`cache_dir/checkpoints/<stage>/<key>`, so a retry of the same stage resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -72,27 +75,72 @@ def stage_main(run: Callable[..., Any]) -> None:
             args.outputs.write_text(json.dumps(result, indent=2))
 
 
-def stage_command(module: str, inputs: Path, outputs: Path, num_processes: int = 1) -> list[str]:
-    """The command that runs a stage: plain Python, or `accelerate launch` for several processes."""
+MAIN_PROCESS_PORT = 29500
+
+
+def stage_command(
+    module: str,
+    inputs: Path | str,
+    outputs: Path | str,
+    num_processes: int = 1,
+    accelerate_config: str | None = None,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    main_process_ip: str | None = None,
+    main_process_port: int = MAIN_PROCESS_PORT,
+) -> list[str]:
+    """The command that runs a stage: plain Python, or `accelerate launch` for several processes.
+
+    `num_processes` counts processes on all machines. With no accelerate config, several
+    processes are plain data parallel (`--multi_gpu`, which on a machine without GPUs runs
+    them on the CPU with gloo). On one machine the processes meet on a free port, so stages
+    can run side by side; several machines add accelerate's static rendezvous arguments
+    (`main_process_port` fixed), every machine running the same command with its own `machine_rank`.
+    """
     arguments = ["-m", module, "--inputs", str(inputs), "--outputs", str(outputs)]
-    if num_processes > 1:
-        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), *arguments]
-    return [sys.executable, *arguments]
+    if num_processes <= 1:
+        return [sys.executable, *arguments]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    command += ["--config_file", accelerate_config] if accelerate_config else ["--multi_gpu"]
+    if num_machines > 1:
+        if not main_process_ip:
+            raise ValueError("several machines need the main process's IP address")
+        command += ["--num_machines", str(num_machines), "--machine_rank", str(machine_rank),
+                    "--main_process_ip", main_process_ip, "--main_process_port", str(main_process_port)]
+    else:
+        command += ["--main_process_port", "0"]  # accelerate picks a free one
+    return [*command, *arguments]
 
 
-def launch(module: str, run: Callable[..., Result], arguments: dict[str, Any], work_dir: Path, num_processes: int = 1) -> Result:
-    """Run `module`'s stage command in a child process and return `run`'s result."""
+Executor = Callable[[Path, Path], tuple[int, str]]
+"""Runs a stage given its inputs and outputs files; returns an exit status and how to name the run in errors."""
+
+
+def launch(
+    module: str,
+    run: Callable[..., Result],
+    arguments: dict[str, Any],
+    work_dir: Path,
+    num_processes: int = 1,
+    accelerate_config: str | None = None,
+    execute: Executor | None = None,
+) -> Result:
+    """Run `module`'s stage command in a child process (or through `execute`) and return `run`'s result."""
     work_dir.mkdir(parents=True, exist_ok=True)
     inputs, outputs = work_dir / "inputs.json", work_dir / "outputs.json"
     inputs.write_text(json.dumps({name: _to_json(value) for name, value in arguments.items()}, indent=2))
     outputs.unlink(missing_ok=True)
-    completed = subprocess.run(stage_command(module, inputs, outputs, num_processes))
+    if execute is None:
+        command = stage_command(module, inputs, outputs, num_processes, accelerate_config)
+        returncode, description = subprocess.run(command).returncode, f"`{' '.join(command)}`"
+    else:
+        returncode, description = execute(inputs, outputs)
     reply = json.loads(outputs.read_text()) if outputs.is_file() else {}
     if "error" in reply:
         error = reply["error"]
         raise REFUSALS.get(error["type"], StageFailed)(error["message"])
-    if completed.returncode != 0 or "result" not in reply:
-        raise StageFailed(f"`{' '.join(completed.args)}` exited with status {completed.returncode} and no result")
+    if returncode != 0 or "result" not in reply:
+        raise StageFailed(f"{description} exited with status {returncode} and no result in {outputs}")
     return _from_json(typing.get_type_hints(run)["return"], reply["result"])
 
 
@@ -138,9 +186,6 @@ def should_retry(task, task_run, state) -> bool:
     return False
 
 
-STAGE_CODE = ("post_train", "losses", "tasks")
-
-
 def run_stage(
     stage: str,
     run: Callable[..., Result],
@@ -150,23 +195,47 @@ def run_stage(
     run_dir: str,
     parent_run_id: str | None,
     force: bool = False,
+    distributed: bool = False,
 ) -> Result:
     """A stage as Prefect runs it: from the cache when its key is known, else as a child process.
 
-    The key hashes `key_parts` (the stage's config and its inputs' hashes) and the project's
-    code. A cache hit is recorded as a child MLflow run tagged `cache_hit` with the cached metrics.
+    The key hashes `key_parts` (the stage's config and its inputs' hashes) and the source of
+    the stage's module and every project module it imports. A cache hit is recorded as a child MLflow run tagged `cache_hit` with the cached metrics.
+
+    `distributed` stages (training) run on every process `compute` gives them; the others on one.
+    A `run` that takes `checkpoint_dir` gets `cache_dir/checkpoints/<stage>/<key>`: the same
+    place for every attempt at the same key, removed once the stage succeeds. With
+    `compute.backend: skypilot` the command runs as a SkyPilot managed job (`post_train.cloud`).
     """
-    from post_train.fingerprint import content_key, source_fingerprint
+    from post_train.fingerprint import content_key, module_fingerprint
     from post_train.tracking import record_cache_hit
 
-    key = content_key(stage=stage, **key_parts, code=source_fingerprint(*STAGE_CODE))
+    compute = config.compute
+    if compute.backend == "skypilot":
+        from post_train.cloud import preflight
+
+        preflight(config, arguments)
+    key = content_key(stage=stage, **key_parts, code=module_fingerprint(run.__module__))
     result_type = typing.get_type_hints(run)["return"]
+    checkpoints = Path(config.cache_dir).resolve() / "checkpoints" / stage / key
+    takes_checkpoints = "checkpoint_dir" in inspect.signature(run).parameters
 
     def produce(directory: Path) -> Result:
-        return launch(run.__module__, run, {**arguments, "output_dir": str(directory)}, Path(run_dir) / stage,
-                      config.compute.num_processes)
+        stage_arguments = {**arguments, "output_dir": str(directory)}
+        if takes_checkpoints:
+            stage_arguments["checkpoint_dir"] = str(checkpoints)
+        execute = None
+        if compute.backend == "skypilot":
+            from post_train.cloud import managed_job_executor
+
+            execute = managed_job_executor(config, stage, run.__module__, distributed)
+        processes = compute.num_processes if distributed else 1
+        return launch(run.__module__, run, stage_arguments, Path(run_dir) / stage, processes,
+                      compute.accelerate_config_path() if distributed else None, execute)
 
     result, hit = cached(stage, key, config.cache_dir, produce, result_type, force)
+    if not hit and takes_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     if hit:
         record_cache_hit(stage, parent_run_id, key, result.metrics)
     return dataclasses.replace(result, cache_hit=hit)

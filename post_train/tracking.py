@@ -1,10 +1,16 @@
-"""MLflow: where runs go, one child run per stage, and the plots users look at."""
+"""MLflow: where runs go, one child run per stage, and the plots users look at.
+
+Under `accelerate launch` every process runs the stage's code, but only rank 0 talks to
+MLflow: `stage_run` opens no run elsewhere, and stages guard their own logging calls with
+`is_main_process()` (MLflow's fluent API would otherwise start a run of its own).
+"""
 
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import matplotlib
@@ -49,9 +55,21 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a distributed run (`RANK`, set by `accelerate launch` and torchrun), or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+NO_RUN = SimpleNamespace(info=SimpleNamespace(run_id=""))
+"""What `stage_run` gives processes other than rank 0."""
+
+
 @contextmanager
 def stage_run(stage: str, parent_run_id: str | None, params: dict[str, Any] | None = None) -> Iterator[mlflow.ActiveRun]:
-    """A child run of the flow's run for one stage; marked FAILED if the stage raises."""
+    """A child run of the flow's run for one stage, on rank 0 only; marked FAILED if the stage raises."""
+    if not is_main_process():
+        yield NO_RUN
+        return
     with mlflow.start_run(
         experiment_id=experiment_id(),
         run_name=stage,
@@ -65,7 +83,9 @@ def stage_run(stage: str, parent_run_id: str | None, params: dict[str, Any] | No
 
 
 def log_curves(history: list[dict[str, float]], keys: list[str], name: str, title: str) -> None:
-    """A PNG with one panel per metric against the optimizer step."""
+    """A PNG with one panel per metric against the optimizer step (rank 0 only)."""
+    if not is_main_process():
+        return
     keys = [key for key in keys if any(key in entry for entry in history)]
     if not keys:
         return

@@ -4,11 +4,20 @@ Stages differ only in `step_fn`, which turns a micro-batch into a *summed* loss 
 units (tokens for SFT, pairs for DPO). The loop divides by the unit count of the whole
 optimizer step across micro-batches and processes, so gradient accumulation and data
 parallelism give the gradient of the global token (or pair) mean, not a mean of means.
+
+It runs unchanged on one process, under `accelerate launch` with DDP, FSDP or DeepSpeed
+ZeRO-3, and on several nodes. With `checkpoint_dir` and `checkpoint_every`, it saves its
+state (`accelerator.save_state`: model, optimizer, scheduler, RNG; plus the step and the
+metrics so far) and resumes from the last complete save. The data order depends only on
+the seed, and a step's global batch is the same at any number of processes, so a run
+resumes at a different world size (DDP; FSDP with SHARDED_STATE_DICT) where it left off.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -18,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -40,11 +50,21 @@ DiagnosticsFn = Callable[[torch.nn.Module], dict[str, float]]
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
-    """`auto` takes bf16 on a GPU that supports it and full precision elsewhere (CPU)."""
+    """`auto` takes bf16 on a GPU that supports it and full precision elsewhere (CPU).
+
+    Without a GPU, several processes (`accelerate launch`, torchrun) train on the CPU with gloo;
+    accelerate would otherwise run each of them as an independent single process.
+    """
     if mixed_precision == "auto":
         bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         mixed_precision = "bf16" if bf16_ok else "no"
-    return Accelerator(mixed_precision=mixed_precision)
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def frozen_dtype(accelerator: Accelerator) -> torch.dtype | None:
+    """Frozen models (SFT's base, DPO's reference) in bf16 when training in bf16: an 8B model then
+    takes 16 GB per GPU instead of 32 (they are not sharded). None keeps full precision."""
+    return torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
 
 
 def accumulation_steps(config: TrainConfig, num_processes: int) -> int:
@@ -80,12 +100,20 @@ def train(
     before_rollout: RolloutFn | None = None,
     rollout_steps: int = 1,
     description: str = "train",
+    checkpoint_dir: Path | str | None = None,
+    checkpoint_every: int = 0,
+    gradient_checkpointing: bool = False,
 ) -> list[dict[str, float]]:
     """Train `model` in place; returns the logged metrics, one dict per logged step.
 
     Batches are drawn `rollout_steps` optimizer steps at a time and handed to
     `before_rollout` first, with the weights as they are before those steps: PSFT's old
     policy (arXiv 2508.17784) is computed there.
+
+    With `checkpoint_dir` and `checkpoint_every` > 0 the state is saved at the first rollout
+    boundary at least `checkpoint_every` steps after the last save, and a run that finds a
+    complete save there continues from it (the metrics logged before it are passed to
+    `on_log` again, so a new tracking run holds the whole curve).
     """
     torch.manual_seed(config.seed)
     loader = DataLoader(
@@ -96,6 +124,22 @@ def train(
         generator=torch.Generator().manual_seed(config.seed),
     )
     accumulation = accumulation_steps(config, accelerator.num_processes)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:
+        # DeepSpeed steps the optimizer inside `backward` and divides the loss by its own
+        # accumulation count: give it ours, and the gradient clipping, before `prepare`.
+        accelerator.state.deepspeed_plugin.deepspeed_config.update({
+            "gradient_accumulation_steps": accumulation,
+            "train_micro_batch_size_per_gpu": config.micro_batch_size,
+            "train_batch_size": config.batch_size,
+            "gradient_clipping": config.max_grad_norm,
+        })
+    if gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch = max(1, len(loader) // accumulation)
@@ -105,8 +149,24 @@ def train(
 
     history: list[dict[str, float]] = []
     batches = _endless(loader)
+    first_step = 1
+    checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None and checkpoint_every > 0 else None
+    if checkpoints is not None:
+        accelerator.register_for_checkpointing(scheduler)
+        resumed = latest_checkpoint(checkpoints)
+        if resumed is not None:
+            state = json.loads((resumed / TRAINER_STATE).read_text())
+            accelerator.load_state(str(resumed))
+            history = state["history"]
+            first_step = state["step"] + 1
+            for _ in range(state["step"] * accumulation):  # the same batches, in the same order, as before the save
+                next(batches)
+            if on_log is not None and accelerator.is_main_process:
+                for entry in history:
+                    on_log({k: v for k, v in entry.items() if k != "step"}, int(entry["step"]))
+    last_saved = first_step - 1
     model.train()
-    progress = tqdm(range(1, total_steps + 1), desc=description, disable=not accelerator.is_main_process)
+    progress = tqdm(range(first_step, total_steps + 1), desc=description, disable=not accelerator.is_main_process)
     started = time.perf_counter()
     tokens_seen = 0
     rollout: list[list[dict[str, Any]]] = []
@@ -118,13 +178,18 @@ def train(
         group = rollout.pop(0)
         local_units = sum(int(batch["num_units"]) for batch in group)
         global_units = accelerator.reduce(torch.tensor(local_units, device=accelerator.device), "sum").item()
+        # Each process's summed loss x processes / global units: DDP's gradient averaging over
+        # processes then gives the gradient of the global token (or pair) mean.
+        scale = accelerator.num_processes / max(global_units, 1) * (accumulation if deepspeed else 1)
         sums: dict[str, float] = defaultdict(float)
         step_tokens = 0
         for index, batch in enumerate(group):
             is_last = index == len(group) - 1
+            if deepspeed:  # DeepSpeed's accumulation boundary is the step's last micro-batch
+                accelerator.gradient_state._set_sync_gradients(is_last)
             with nullcontext() if is_last else accelerator.no_sync(model):
                 out = step_fn(model, batch)
-                accelerator.backward(out.loss_sum * accelerator.num_processes / max(global_units, 1))
+                accelerator.backward(out.loss_sum * scale)
             sums["loss"] += out.loss_sum.item()
             for name, value in out.metric_sums.items():
                 sums[name] += value
@@ -143,28 +208,61 @@ def train(
             totals = accelerator.reduce(torch.tensor([sums[n] for n in names], device=accelerator.device), "sum")
             metrics = {name: value / max(global_units, 1) for name, value in zip(names, totals.tolist())}
             metrics["learning_rate"] = learning_rate
-            metrics["grad_norm"] = float(grad_norm)
+            metrics["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
             elapsed = time.perf_counter() - started
             metrics["tokens_per_second"] = tokens_seen * accelerator.num_processes / max(elapsed, 1e-9)
             if run_diagnostics:
-                metrics.update(diagnostics(accelerator.unwrap_model(model)))
+                # The prepared model, on every process: under FSDP the unwrapped module holds only a shard.
+                metrics.update(diagnostics(model))
                 model.train()
             metrics["step"] = step
             history.append(metrics)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
             if on_log is not None and accelerator.is_main_process:
                 on_log({k: v for k, v in metrics.items() if k != "step"}, step)
+        if checkpoints is not None and not rollout and step < total_steps and step - last_saved >= checkpoint_every:
+            save_training_state(accelerator, checkpoints, step, history)
+            last_saved = step
     progress.close()
     model.eval()
     return history
 
 
-def save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, tokenizer, directory: Path) -> Path:
-    """Model (safetensors) and tokenizer, written by the main process only."""
+TRAINER_STATE = "trainer_state.json"
+"""Written last into a checkpoint directory: its presence marks the save complete."""
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The complete save with the highest step under `directory`, if any."""
+    complete = [path for path in directory.glob("step-*") if (path / TRAINER_STATE).is_file()]
+    return max(complete, key=lambda path: int(path.name.removeprefix("step-")), default=None)
+
+
+def save_training_state(accelerator: Accelerator, directory: Path, step: int, history: list[dict[str, float]]) -> Path:
+    """`accelerator.save_state` (every process takes part) into `step-<step>`; older saves are removed after."""
+    target = directory / f"step-{step}"
+    accelerator.save_state(str(target))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (target / TRAINER_STATE).write_text(json.dumps({"step": step, "history": history}))
+        for older in directory.glob("step-*"):
+            if older != target:
+                shutil.rmtree(older, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, tokenizer, directory: Path) -> Path:
+    """Model (safetensors) and tokenizer, written by the main process only.
+
+    The full state dict is gathered on every process first: under FSDP or ZeRO-3 each process
+    holds only a shard, and gathering is a collective.
+    """
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
-        accelerator.unwrap_model(model).save_pretrained(directory, safe_serialization=True)
+        accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(directory)
     accelerator.wait_for_everyone()
     return directory

@@ -20,8 +20,8 @@ from post_train.data import PreferenceExample, load_dataset_checked
 from post_train.modeling import load_model, load_tokenizer, pad_collate, target_logprobs
 from post_train.launch import run_stage, should_retry, stage_main
 from post_train.reference import model_fingerprint, reference_logps
-from post_train.tracking import log_curves, stage_run
-from post_train.training import StepOutput, make_accelerator, save_checkpoint, train
+from post_train.tracking import is_main_process, log_curves, stage_run
+from post_train.training import StepOutput, frozen_dtype, make_accelerator, save_checkpoint, train
 from tasks.prepare import PreparedData
 from tasks.sft import TrainedModel, completion_example
 
@@ -70,8 +70,14 @@ def add_reference_logps(pairs: list[dict[str, Any]], rows: list[list[float]]) ->
             pair[f"ref_{side}"] = sum(value for value, keep in zip(row, counted) if keep)
 
 
-def run(config: PipelineConfig, sft_model_path: str, data: PreparedData, output_dir: str, parent_run_id: str | None = None) -> TrainedModel:
-    """DPO of `sft_model_path` on `data.preferences`; the model goes to `output_dir`/model."""
+def run(
+    config: PipelineConfig, sft_model_path: str, data: PreparedData, output_dir: str, parent_run_id: str | None = None,
+    checkpoint_dir: str | None = None,
+) -> TrainedModel:
+    """DPO of `sft_model_path` on `data.preferences`; the model goes to `output_dir`/model.
+
+    Runs on one process or on all of them under `accelerate launch`; only rank 0 logs to MLflow.
+    """
     settings = config.dpo
     loss = preference_loss(settings.loss, **settings.loss_params)
     tokenizer = load_tokenizer(sft_model_path)
@@ -82,8 +88,9 @@ def run(config: PipelineConfig, sft_model_path: str, data: PreparedData, output_
     if loss.needs_ref:
         sequences = [pair["chosen"] for pair in pairs] + [pair["rejected"] for pair in pairs]
         rows, reference_cache_hit = reference_logps(
-            lambda: load_model(sft_model_path, trainable=False), sft_model_path, sequences,
-            pad_collate(tokenizer.pad_token_id), 2 * settings.micro_batch_size, Path(config.cache_dir), accelerator.device,
+            lambda: load_model(sft_model_path, trainable=False).to(dtype=frozen_dtype(accelerator)), sft_model_path,
+            sequences, pad_collate(tokenizer.pad_token_id), 2 * settings.micro_batch_size, Path(config.cache_dir),
+            accelerator.device, accelerator,
         )
         add_reference_logps(pairs, rows)
     model = load_model(sft_model_path)
@@ -101,7 +108,8 @@ def run(config: PipelineConfig, sft_model_path: str, data: PreparedData, output_
         return StepOutput(out.losses.sum(), sums)
 
     with stage_run("dpo", parent_run_id, {"dpo": settings.model_dump(mode="json"), "sft_model": sft_model_path}) as run:
-        if reference_cache_hit is not None:
+        main = is_main_process()
+        if reference_cache_hit is not None and main:
             mlflow.set_tag("reference_logps_cache_hit", str(reference_cache_hit).lower())
         history = train(
             model,
@@ -112,6 +120,9 @@ def run(config: PipelineConfig, sft_model_path: str, data: PreparedData, output_
             accelerator,
             on_log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
             description=f"dpo ({settings.loss})",
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=config.compute.checkpoint_every,
+            gradient_checkpointing=config.compute.gradient_checkpointing,
         )
         path = save_checkpoint(accelerator, model, tokenizer, Path(output_dir) / "model")
         log_curves(history, DPO_CURVES, "dpo_curves.png", f"DPO ({settings.loss}), lr {settings.learning_rate:g}")
@@ -122,7 +133,8 @@ def run(config: PipelineConfig, sft_model_path: str, data: PreparedData, output_
             "rewards/accuracies_final": final["rewards/accuracies"],
             "rewards/margins_final": final["rewards/margins"],
         }
-        mlflow.log_metrics(metrics)
+        if main:
+            mlflow.log_metrics(metrics)
         return TrainedModel(path=str(path), metrics=metrics, run_id=run.info.run_id)
 
 
@@ -135,7 +147,7 @@ def dpo_task(
         "dpo", run, {"config": config, "sft_model_path": sft_model_path, "data": data, "parent_run_id": parent_run_id},
         {"dpo": config.dpo.model_dump(mode="json"), "mixed_precision": config.mixed_precision,
          "sft_model": model_fingerprint(sft_model_path), "data_hash": data.data_hash},
-        config, run_dir, parent_run_id, force,
+        config, run_dir, parent_run_id, force, distributed=True,
     )
 
 

@@ -19,7 +19,7 @@ from losses import sft_objective
 from post_train.config import PipelineConfig
 from post_train.launch import run_stage, should_retry, stage_main
 from post_train.modeling import pad_collate, target_logprobs
-from post_train.tracking import log_curves, stage_run
+from post_train.tracking import is_main_process, log_curves, stage_run
 from post_train.training import StepOutput, make_accelerator, save_checkpoint, train
 from post_train.world.generate import iter_world_texts
 from post_train.world.model import tiny_llama_config, train_tokenizer
@@ -33,7 +33,7 @@ class BaseModel:
     cache_hit: bool = False
 
 
-def _pretrain(config: PipelineConfig, corpus: Path, directory: Path) -> dict[str, float]:
+def _pretrain(config: PipelineConfig, corpus: Path, directory: Path, checkpoint_dir: str | None = None) -> dict[str, float]:
     settings = config.base_model
     tokenizer = train_tokenizer(iter_world_texts(corpus.parent), settings.vocab_size)
     model_config = tiny_llama_config(
@@ -58,7 +58,8 @@ def _pretrain(config: PipelineConfig, corpus: Path, directory: Path) -> dict[str
         return StepOutput(nll(logps, mask).loss * mask.sum())
 
     accelerator = make_accelerator(config.mixed_precision)
-    mlflow.log_params({"parameters": sum(p.numel() for p in model.parameters()), "documents": len(dataset)})
+    if is_main_process():
+        mlflow.log_params({"parameters": sum(p.numel() for p in model.parameters()), "documents": len(dataset)})
     history = train(
         model,
         dataset,
@@ -68,19 +69,26 @@ def _pretrain(config: PipelineConfig, corpus: Path, directory: Path) -> dict[str
         accelerator,
         on_log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
         description="pretrain",
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=config.compute.checkpoint_every,
+        gradient_checkpointing=config.compute.gradient_checkpointing,
     )
     save_checkpoint(accelerator, model, tokenizer, directory)
     log_curves(history, ["loss", "learning_rate", "grad_norm"], "pretrain_curves.png", "Pretraining the demo base model")
     return {"loss_first": history[0]["loss"], "loss_final": history[-1]["loss"]}
 
 
-def run(config: PipelineConfig, data: PreparedData, output_dir: str, parent_run_id: str | None = None) -> BaseModel:
-    """Pretrain the demo base model (tokenizer and tiny Llama) into `output_dir`/model."""
+def run(
+    config: PipelineConfig, data: PreparedData, output_dir: str, parent_run_id: str | None = None,
+    checkpoint_dir: str | None = None,
+) -> BaseModel:
+    """Pretrain the demo base model (tokenizer and tiny Llama) into `output_dir`/model (rank 0 logs to MLflow)."""
     if data.pretrain_corpus is None:
         raise ValueError("the demo base model needs a demo world (data.world) to pretrain on, or set model.name_or_path")
     with stage_run("pretrain", parent_run_id, {"base_model": config.base_model.model_dump(mode="json")}):
-        metrics = _pretrain(config, Path(data.pretrain_corpus), Path(output_dir) / "model")
-        mlflow.log_metrics(metrics)
+        metrics = _pretrain(config, Path(data.pretrain_corpus), Path(output_dir) / "model", checkpoint_dir)
+        if is_main_process():
+            mlflow.log_metrics(metrics)
     return BaseModel(path=str(Path(output_dir) / "model"), metrics=metrics)
 
 
@@ -94,7 +102,7 @@ def pretrain_task(
     return run_stage(
         "pretrain", run, {"config": config, "data": data, "parent_run_id": parent_run_id},
         {"base_model": config.base_model.model_dump(mode="json"), "data_hash": data.data_hash},
-        config, run_dir, parent_run_id, force,
+        config, run_dir, parent_run_id, force, distributed=True,
     )
 
 

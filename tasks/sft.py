@@ -23,8 +23,8 @@ from post_train.data import EvalExample, SFTExample, load_dataset_checked, promp
 from post_train.modeling import entropy_and_kl, load_model, load_tokenizer, pad_collate, target_logprobs
 from post_train.launch import run_stage, should_retry, stage_main
 from post_train.reference import model_fingerprint, reference_logps
-from post_train.tracking import log_curves, stage_run
-from post_train.training import StepOutput, make_accelerator, save_checkpoint, train
+from post_train.tracking import is_main_process, log_curves, stage_run
+from post_train.training import StepOutput, frozen_dtype, make_accelerator, save_checkpoint, train
 from tasks.prepare import PreparedData
 
 SFT_CURVES = ["loss", "mean_token_weight", "kl_to_base", "entropy", "learning_rate", "grad_norm"]
@@ -61,19 +61,26 @@ def held_out_batch(tokenizer, examples: list[EvalExample], size: int, max_length
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
-def run(config: PipelineConfig, base_model_path: str, data: PreparedData, output_dir: str, parent_run_id: str | None = None) -> TrainedModel:
-    """SFT of `base_model_path` on `data.sft`; the model goes to `output_dir`/model."""
+def run(
+    config: PipelineConfig, base_model_path: str, data: PreparedData, output_dir: str, parent_run_id: str | None = None,
+    checkpoint_dir: str | None = None,
+) -> TrainedModel:
+    """SFT of `base_model_path` on `data.sft`; the model goes to `output_dir`/model.
+
+    Runs on one process or on all of them under `accelerate launch`; only rank 0 logs to MLflow.
+    """
     settings = config.sft
     objective = sft_objective(settings.objective, **settings.objective_params)
-    tokenizer = load_tokenizer(base_model_path)
+    tokenizer = load_tokenizer(base_model_path, config.model.resolved_chat_template())
     dataset = sft_examples(tokenizer, load_dataset_checked(data.sft, "sft"), settings.max_length)
     collate = pad_collate(tokenizer.pad_token_id)
     accelerator = make_accelerator(config.mixed_precision)
-    base = load_model(base_model_path, trainable=False).to(accelerator.device)
+    base = load_model(base_model_path, trainable=False).to(device=accelerator.device, dtype=frozen_dtype(accelerator))
     reference_cache_hit = None
     if objective.needs_ref:
         ref_rows, reference_cache_hit = reference_logps(
-            lambda: base, base_model_path, dataset, collate, settings.micro_batch_size, Path(config.cache_dir), accelerator.device
+            lambda: base, base_model_path, dataset, collate, settings.micro_batch_size, Path(config.cache_dir),
+            accelerator.device, accelerator,
         )
         for example, ref_row in zip(dataset, ref_rows):
             example["ref_logps"] = ref_row
@@ -94,7 +101,8 @@ def run(config: PipelineConfig, base_model_path: str, data: PreparedData, output
                 batch["old_logps"] = target_logprobs(model, batch)[0]
 
     with stage_run("sft", parent_run_id, {"sft": settings.model_dump(mode="json"), "base_model": base_model_path}) as run:
-        if reference_cache_hit is not None:
+        main = is_main_process()
+        if reference_cache_hit is not None and main:
             mlflow.set_tag("reference_logps_cache_hit", str(reference_cache_hit).lower())
         history = train(
             model,
@@ -109,6 +117,9 @@ def run(config: PipelineConfig, base_model_path: str, data: PreparedData, output
             before_rollout=snapshot_old_policy if objective.needs_old else None,
             rollout_steps=settings.rollout_steps if objective.needs_old else 1,
             description=f"sft ({settings.objective})",
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=config.compute.checkpoint_every,
+            gradient_checkpointing=config.compute.gradient_checkpointing,
         )
         path = save_checkpoint(accelerator, model, tokenizer, Path(output_dir) / "model")
         log_curves(history, SFT_CURVES, "sft_curves.png", f"SFT with {settings.objective}, lr {settings.learning_rate:g}")
@@ -119,7 +130,8 @@ def run(config: PipelineConfig, base_model_path: str, data: PreparedData, output
             "kl_to_base_final": final["kl_to_base"],
             "entropy_final": final["entropy"],
         }
-        mlflow.log_metrics(metrics)
+        if main:
+            mlflow.log_metrics(metrics)
         return TrainedModel(path=str(path), metrics=metrics, run_id=run.info.run_id)
 
 
@@ -131,8 +143,9 @@ def sft_task(
     return run_stage(
         "sft", run, {"config": config, "base_model_path": base_model_path, "data": data, "parent_run_id": parent_run_id},
         {"sft": config.sft.model_dump(mode="json"), "mixed_precision": config.mixed_precision,
-         "base_model": model_fingerprint(base_model_path), "data_hash": data.data_hash},
-        config, run_dir, parent_run_id, force,
+         "base_model": model_fingerprint(base_model_path), "chat_template": config.model.chat_template,
+         "data_hash": data.data_hash},
+        config, run_dir, parent_run_id, force, distributed=True,
     )
 
 

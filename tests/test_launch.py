@@ -21,7 +21,15 @@ def test_stage_command_is_plain_python_or_accelerate_launch(tmp_path: Path):
     single = stage_command("tasks.sft", tmp_path / "in.json", tmp_path / "out.json")
     assert single[1:] == ["-m", "tasks.sft", "--inputs", str(tmp_path / "in.json"), "--outputs", str(tmp_path / "out.json")]
     several = stage_command("tasks.sft", tmp_path / "in.json", tmp_path / "out.json", num_processes=2)
-    assert several[1:6] == ["-m", "accelerate.commands.launch", "--num_processes", "2", "-m"]
+    # --multi_gpu: data parallel processes, on the CPU (gloo) where there is no GPU; without it
+    # accelerate runs a single process there.
+    assert several[1:9] == ["-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+                            "--main_process_port", "0", "-m"]  # 0: a free port, so stages can run side by side
+    configured = stage_command("tasks.sft", "in.json", "out.json", num_processes=16, accelerate_config="fsdp.yaml",
+                               num_machines=2, machine_rank=1, main_process_ip="10.0.0.1")
+    assert configured[3:] == ["--num_processes", "16", "--config_file", "fsdp.yaml", "--num_machines", "2",
+                              "--machine_rank", "1", "--main_process_ip", "10.0.0.1", "--main_process_port", "29500",
+                              "-m", "tasks.sft", "--inputs", "in.json", "--outputs", "out.json"]
 
 
 def test_a_child_process_refusal_keeps_its_type_and_message(tmp_path: Path):
@@ -64,3 +72,14 @@ def test_an_interrupted_stage_leaves_nothing_in_the_cache(tmp_path: Path):
     with pytest.raises(RuntimeError):
         cached("sft", "k2", str(tmp_path), fail, Made)
     assert list((tmp_path / "stages" / "sft").iterdir()) == []
+
+
+def test_a_stage_key_follows_the_code_the_stage_imports():
+    from post_train.fingerprint import module_fingerprint, project_modules
+
+    assert module_fingerprint("tasks.sft") == module_fingerprint("tasks.sft") != module_fingerprint("tasks.dpo")
+    reached = set(project_modules("tasks.sft"))
+    assert {"losses.sft", "losses.logprobs", "post_train.training", "post_train.config", "tasks.sft"} <= reached
+    # The demo world's generator is no input of SFT; the CLI and server are no input of any stage.
+    assert not {"post_train.cli", "post_train.server", "post_train.world.generate"} & reached
+    assert "post_train.world.generate" in project_modules("tasks.pretrain")
