@@ -493,6 +493,19 @@ def load_recipe(name: str, _seen: tuple[str, ...] = ()) -> tuple[Path, dict[str,
     return path, deep_merge(parent_content, content)
 
 
+def _scalar(key: str, text: str) -> Any:
+    """A YAML scalar, except that only `true`/`false` are booleans (`no` stays the string "no")."""
+    if not text:
+        return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {key}={text!r}: not a valid value: {error}") from None
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text
+    return value
+
+
 def parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
     """Nested overrides from `{"sft.learning_rate": 1e-4}` or `["sft.learning_rate=1e-4"]`.
 
@@ -506,16 +519,18 @@ def parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, A
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like key.path=value")
             key, value = item.split("=", 1)
-            pairs[key.strip()] = yaml.safe_load(value)
+            pairs[key.strip()] = value
         overrides = pairs
     nested: dict[str, Any] = {}
     for dotted, value in overrides.items():
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value else value
+            value = _scalar(dotted, value)
         keys = dotted.split(".")
         node = nested
         for key in keys[:-1]:
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted}: {key} is a value, not a section")
         node[keys[-1]] = value
     return nested
 

@@ -11,6 +11,7 @@ Formats (https://huggingface.co/docs/trl/dataset_formats):
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,10 @@ ROLES = {"system", "user", "assistant"}
 
 class DataError(ValueError):
     """A dataset that cannot be used, with the file (or dataset name) and row that says why."""
+
+
+class PromptTooLong(DataError):
+    """A prompt that leaves no room for its response within `max_length`."""
 
 
 def _read_json_lines(file: Path) -> list[Any]:
@@ -137,12 +142,18 @@ def validate_preferences(rows: Located, source: str) -> list[PreferenceExample]:
     for where, row in rows:
         _require(row, where, ("prompt", "chosen", "rejected"))
         prompt = _messages(row["prompt"], where, "prompt", "user")
-        chosen = _messages(row["chosen"], where, "chosen", "assistant")
-        rejected = _messages(row["rejected"], where, "rejected", "assistant")
-        for field, messages in (("chosen", chosen), ("rejected", rejected)):
+        responses = []
+        for field in ("chosen", "rejected"):
+            messages = _messages(row[field], where, field, "assistant")
+            # Some datasets (UltraFeedback) repeat the prompt in front of each response.
+            if len(messages) > 1 and messages[:-1] == prompt:
+                messages = messages[-1:]
             if [m["role"] for m in messages] != ["assistant"]:
-                raise DataError(f"{where}: field {field!r} must hold exactly one assistant message")
-        examples.append(PreferenceExample(prompt, chosen, rejected))
+                raise DataError(
+                    f"{where}: field {field!r} must hold one assistant message, optionally after the prompt's messages"
+                )
+            responses.append(messages)
+        examples.append(PreferenceExample(prompt, *responses))
     return _non_empty(examples, source)
 
 
@@ -191,5 +202,23 @@ def prompt_and_completion_ids(
     if full_ids[: len(prompt_ids)] != prompt_ids:
         raise DataError("the tokenizer's chat template does not render the prompt as a prefix of the conversation")
     if len(prompt_ids) >= max_length:
-        raise DataError(f"a prompt of {len(prompt_ids)} tokens leaves no room for its response within max_length {max_length}")
+        raise PromptTooLong(f"a prompt of {len(prompt_ids)} tokens leaves no room for its response within max_length {max_length}")
     return prompt_ids, full_ids[len(prompt_ids) : max_length]
+
+
+def tokenize_examples(examples: list, encode, max_length: int, source: str) -> list:
+    """`encode(example)` for every example, leaving out those whose prompt alone fills `max_length`."""
+    encoded = []
+    for example in examples:
+        try:
+            encoded.append(encode(example))
+        except PromptTooLong:
+            continue
+    skipped = len(examples) - len(encoded)
+    if skipped == len(examples):
+        raise DataError(f"{source}: every prompt is longer than max_length {max_length}; raise max_length")
+    if skipped:
+        logging.getLogger(__name__).warning(
+            "%s: left out %d of %d examples whose prompt is longer than max_length %d", source, skipped, len(examples), max_length
+        )
+    return encoded

@@ -16,7 +16,7 @@ from prefect import task
 
 from losses import preference_loss, preference_metrics
 from post_train.config import PipelineConfig
-from post_train.data import PreferenceExample, load_dataset_checked
+from post_train.data import PreferenceExample, load_dataset_checked, tokenize_examples
 from post_train.modeling import load_model, load_tokenizer, pad_collate, target_logprobs
 from post_train.launch import run_stage, should_retry, stage_main
 from post_train.reference import model_fingerprint, reference_logps
@@ -28,14 +28,14 @@ from tasks.sft import TrainedModel, completion_example
 DPO_CURVES = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "learning_rate"]
 
 
-def pair_examples(tokenizer, examples: list[PreferenceExample], max_length: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "chosen": completion_example(tokenizer, e.prompt, e.chosen, max_length),
-            "rejected": completion_example(tokenizer, e.prompt, e.rejected, max_length),
+def pair_examples(tokenizer, examples: list[PreferenceExample], max_length: int, source: str = "preference data") -> list[dict[str, Any]]:
+    def encode(pair: PreferenceExample) -> dict[str, Any]:
+        return {
+            "chosen": completion_example(tokenizer, pair.prompt, pair.chosen, max_length),
+            "rejected": completion_example(tokenizer, pair.prompt, pair.rejected, max_length),
         }
-        for e in examples
-    ]
+
+    return tokenize_examples(examples, encode, max_length, source)
 
 
 def pair_collate(pad_token_id: int):
@@ -81,7 +81,7 @@ def run(
     settings = config.dpo
     loss = preference_loss(settings.loss, **settings.loss_params)
     tokenizer = load_tokenizer(sft_model_path)
-    pairs = pair_examples(tokenizer, load_dataset_checked(data.preferences, "preferences"), settings.max_length)
+    pairs = pair_examples(tokenizer, load_dataset_checked(data.preferences, "preferences"), settings.max_length, data.preferences)
     collate = pair_collate(tokenizer.pad_token_id)
     accelerator = make_accelerator(config.mixed_precision)
     reference_cache_hit = None

@@ -19,7 +19,7 @@ from prefect import task
 
 from losses import sft_objective
 from post_train.config import PipelineConfig
-from post_train.data import EvalExample, SFTExample, load_dataset_checked, prompt_and_completion_ids
+from post_train.data import EvalExample, SFTExample, load_dataset_checked, prompt_and_completion_ids, tokenize_examples
 from post_train.modeling import entropy_and_kl, load_model, load_tokenizer, pad_collate, target_logprobs
 from post_train.launch import run_stage, should_retry, stage_main
 from post_train.reference import model_fingerprint, reference_logps
@@ -47,16 +47,20 @@ def completion_example(tokenizer, prompt: list[dict], completion: list[dict], ma
     }
 
 
-def sft_examples(tokenizer, examples: list[SFTExample], max_length: int) -> list[dict[str, Any]]:
-    return [completion_example(tokenizer, e.messages[:-1], e.messages[-1:], max_length) for e in examples]
+def sft_examples(tokenizer, examples: list[SFTExample], max_length: int, source: str = "sft data") -> list[dict[str, Any]]:
+    return tokenize_examples(
+        examples, lambda e: completion_example(tokenizer, e.messages[:-1], e.messages[-1:], max_length), max_length, source
+    )
 
 
 def held_out_batch(tokenizer, examples: list[EvalExample], size: int, max_length: int, device) -> dict[str, Any]:
     """Evaluation prompts with their reference responses: text the SFT data does not contain."""
-    rows = [
-        completion_example(tokenizer, e.prompt, [{"role": "assistant", "content": e.reference}], max_length)
-        for e in examples[:size]
-    ]
+    rows = tokenize_examples(
+        examples[:size],
+        lambda e: completion_example(tokenizer, e.prompt, [{"role": "assistant", "content": e.reference}], max_length),
+        max_length,
+        "evaluation data",
+    )
     batch = pad_collate(tokenizer.pad_token_id)(rows)
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
@@ -72,7 +76,7 @@ def run(
     settings = config.sft
     objective = sft_objective(settings.objective, **settings.objective_params)
     tokenizer = load_tokenizer(base_model_path, config.model.resolved_chat_template())
-    dataset = sft_examples(tokenizer, load_dataset_checked(data.sft, "sft"), settings.max_length)
+    dataset = sft_examples(tokenizer, load_dataset_checked(data.sft, "sft"), settings.max_length, data.sft)
     collate = pad_collate(tokenizer.pad_token_id)
     accelerator = make_accelerator(config.mixed_precision)
     base = load_model(base_model_path, trainable=False).to(device=accelerator.device, dtype=frozen_dtype(accelerator))

@@ -68,3 +68,12 @@ def test_a_cycle_of_extends_is_refused(tmp_path: Path):
 def test_malformed_override_is_refused():
     with pytest.raises(ConfigError, match="key.path=value"):
         parse_overrides(["sft.learning_rate"])
+
+
+def test_override_values_keep_words_yaml_would_turn_into_booleans():
+    assert parse_overrides(["mixed_precision=no", "data.world=null", "sft.seed=3", "compute.use_spot=true"]) == {
+        "mixed_precision": "no", "data": {"world": None}, "sft": {"seed": 3}, "compute": {"use_spot": True},
+    }
+    assert load_config("lowlr", "smoke", ["mixed_precision=no"]).mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"override sft.objective_params=.*not a valid value"):
+        parse_overrides(["sft.objective_params={beta: [1"])

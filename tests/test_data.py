@@ -37,7 +37,7 @@ def test_trl_formats_load_from_a_file_and_from_a_directory(tmp_path: Path):
         ("sft", {"messages": [{"role": "robot", "content": "x"}, ASSISTANT]}, "row 1: messages[0].role is 'robot'"),
         ("sft", {"messages": [{"role": "user"}, ASSISTANT]}, "row 1: messages[0] must be a message with 'role' and 'content'"),
         ("preferences", {"prompt": [USER], "chosen": [ASSISTANT]}, "row 1: missing field(s) ['rejected']"),
-        ("preferences", {"prompt": [USER], "chosen": [USER], "rejected": [ASSISTANT]}, "field 'chosen' must hold exactly one assistant"),
+        ("preferences", {"prompt": [USER], "chosen": [USER], "rejected": [ASSISTANT]}, "field 'chosen' must hold one assistant message"),
         ("eval", {"prompt": [USER], "reference": 3}, "row 1: field 'reference' must be a string"),
     ],
 )
@@ -87,3 +87,26 @@ def test_rows_are_located_in_their_own_file_and_broken_json_is_named(tmp_path: P
     broken.write_text(json.dumps({"messages": [USER, ASSISTANT]}) + "\n\n{not json\n")
     with pytest.raises(DataError, match=r"broken\.jsonl, row 1 \(line 3\): not valid JSON"):
         load_dataset_checked(str(broken), "sft")
+
+
+def test_preference_responses_may_repeat_the_prompt_as_ultrafeedback_does(tmp_path: Path):
+    row = {"prompt": "Reverse: a b", "chosen": [USER, ASSISTANT], "rejected": [USER, {"role": "assistant", "content": "a b"}]}
+    pairs = load_dataset_checked(str(write_jsonl(tmp_path / "prefs.jsonl", [row])), "preferences")
+    assert pairs[0].chosen == [ASSISTANT] and pairs[0].rejected == [{"role": "assistant", "content": "a b"}]
+    other = {**row, "chosen": [{"role": "user", "content": "something else"}, ASSISTANT]}
+    with pytest.raises(DataError, match="one assistant message, optionally after the prompt's messages"):
+        load_dataset_checked(str(write_jsonl(tmp_path / "bad.jsonl", [other])), "preferences")
+
+
+def test_examples_whose_prompt_fills_max_length_are_left_out(smoke_stages, caplog):
+    from post_train.data import SFTExample
+    from post_train.modeling import load_tokenizer
+    from tasks.sft import sft_examples
+
+    tokenizer = load_tokenizer(smoke_stages[2].path)
+    short = SFTExample([USER, ASSISTANT])
+    long = SFTExample([{"role": "user", "content": "Copy: " + " ".join("abcdefgh" * 4)}, ASSISTANT])
+    rows = sft_examples(tokenizer, [short, long, short], max_length=24, source="mine.jsonl")
+    assert len(rows) == 2 and "left out 1 of 3 examples" in caplog.text
+    with pytest.raises(DataError, match="mine.jsonl: every prompt is longer than max_length 24"):
+        sft_examples(tokenizer, [long], max_length=24, source="mine.jsonl")
