@@ -37,8 +37,9 @@ demo: install
 serve: install
 	$(BIN)/python -m flows.serve
 
-test: install
-	$(BIN)/python -m pytest -q
+# The whole suite, SkyPilot's own validation of sky/*.yaml included (hence sky-env).
+test: install sky-env
+	SKYPILOT_DISABLE_USAGE_COLLECTION=1 $(BIN)/python -m pytest -q
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
