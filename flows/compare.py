@@ -63,7 +63,8 @@ def compare_cell(
     try:
         sft = sft_task(config, base_model_path, data, run_dir, run_id, force)
         dpo = dpo_task(config, sft.path, data, run_dir, run_id, force)
-        evaluation = evaluate_task(config, dpo.path, data, run_dir, run_id, force)
+        evaluation = evaluate_task(config, dpo.path, data, run_dir, run_id, force,
+                                   reference_model_path=sft.path, base_model_path=base_model_path)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from post_train.cloud import preflight
 from post_train.config import load_config
 from post_train.tracking import experiment_id, flatten, tracking_uri
 from tasks.dpo import dpo_task
@@ -43,6 +44,8 @@ def post_train(
     reruns every stage even when its cached result matches.
     """
     config = load_config(recipe, scale, overrides)
+    if config.compute.backend == "skypilot":
+        preflight(config)  # cloud setup problems surface before any data work
     run_name = flow_run.get_name() or "local"
     run_dir = _run_directory(config.runs_dir, config.recipe, run_name)
     (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
@@ -61,13 +64,20 @@ def post_train(
         base = pretrain_task(config, data, str(run_dir), parent_id, force)
         sft = sft_task(config, base.path, data, str(run_dir), parent_id, force)
         dpo = dpo_task(config, sft.path, data, str(run_dir), parent_id, force)
-        evaluation = evaluate_task(config, dpo.path, data, str(run_dir), parent_id, force)
-        registration = register_task(config, dpo.path, evaluation.win_rate, data.data_hash, str(flow_run.get_id()), parent_id)
+        evaluation = evaluate_task(
+            config, dpo.path, data, str(run_dir), parent_id, force, reference_model_path=sft.path, base_model_path=base.path,
+        )
+        registration = register_task(
+            config, dpo.path, evaluation.win_rate, data.data_hash, str(flow_run.get_id()), parent_id,
+            data=data, metrics=evaluation.metrics, run_dir=str(run_dir), force=force,
+        )
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
         raise
-    for name, value in evaluation.metrics.items():
-        client.log_metric(parent_id, name, value)
+    now = int(time.time() * 1000)
+    metrics = [mlflow.entities.Metric(name, float(value), now, 0) for name, value in evaluation.metrics.items()]
+    for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
+        client.log_batch(parent_id, metrics=metrics[start : start + 1000])
     client.set_terminated(parent_id, status="FINISHED")
 
     summary = {
@@ -83,6 +93,15 @@ def post_train(
         "model_uri": registration.model_uri,
         "model_version": registration.version,
         "champion": registration.is_champion,
+        "registration": {
+            "version": registration.version,
+            "aliases": [config.registry.challenger_alias] + ([config.registry.champion_alias] if registration.is_champion else []),
+            "promoted": registration.is_champion,
+            "reason": registration.reason,
+            "previous_champion": registration.previous_champion,
+            "head_to_head": registration.head_to_head,
+        },
+        "judge": config.evaluation.judge,
         "run_dir": str(run_dir),
     }
     get_run_logger().info("summary:\n%s", json.dumps(summary, indent=2))

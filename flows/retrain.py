@@ -3,7 +3,7 @@
 Composition only: prepare the data (the `prepare` task: `dvc repro`, validation, data hash),
 compare its hash with the `data_hash` tag of the registered model's champion, and either
 record a skip or run the `post-train` flow as a subflow. That subflow registers a new version
-and moves the champion alias only when the new win rate is higher (tasks/register.py).
+and moves the champion alias only when the new version wins head to head (tasks/register.py).
 Served on a cron schedule as `retrain/scheduled` by `flows/serve.py`.
 """
 
@@ -80,7 +80,7 @@ def retrain(
         description="Why this retrain run did or did not train",
         markdown=f"## Retraining\n\n{reason[0].upper()}{reason[1:]}; current data hash `{data.data_hash}`. "
                  f"Running `post-train` (recipe `{config.recipe}`, scale `{config.scale}`) as a subflow; "
-                 "it promotes the new version only if its win rate beats the champion's.\n",
+                 "it promotes the new version only if it beats the champion head to head.\n",
     )
     summary = post_train(recipe=recipe, scale=scale, overrides=overrides, force=force)
     return {**decision, "skipped": False, "reason": reason, "summary": summary}

@@ -10,9 +10,15 @@ from post_train.config import ConfigError, available_recipes, available_scales, 
 from post_train.tracking import flatten, tracking_uri
 
 
+def _percent(value: Any) -> str:
+    return "  n/a" if value is None or value != value else f"{100 * value:5.1f}"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     evaluation = summary["evaluation"]
     splits = sorted({key.split("/", 1)[1] for key in evaluation if key.startswith("win_rate/")})
+    splits = [s for s in splits if s != "all"] + (["all"] if "all" in splits else [])
+    judge = summary.get("judge", "gold")
     lines = [
         "",
         f"post-train finished: recipe {summary['recipe']} at scale {summary['scale']}",
@@ -24,17 +30,37 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  DPO loss             {summary['dpo']['loss_first']:.4f} -> {summary['dpo']['loss_final']:.4f}"
         f"   reward accuracy {summary['dpo']['rewards/accuracies_final']:.2f}"
         f"   margin {summary['dpo']['rewards/margins_final']:.3f}",
-        "  win rate vs reference (gold judge, %, ± standard error):",
+        f"  win rate vs reference ({judge} judge, %): raw ± s.e. [95% bootstrap CI], discrete, length-controlled",
     ]
     for split in splits:
-        lines.append(
-            f"    {split:<18} {100 * evaluation[f'win_rate/{split}']:5.1f} ± {100 * evaluation[f'win_rate_se/{split}']:.1f}"
-            f"   (n={int(evaluation[f'num_prompts/{split}'])}, gold reward {evaluation[f'gold_reward/{split}']:.3f}"
-            f" vs reference {evaluation[f'reference_gold_reward/{split}']:.3f})"
+        get = lambda key: evaluation.get(f"{key}/{split}")  # noqa: E731
+        line = (
+            f"    {split:<16} {_percent(get('win_rate'))} ± {100 * (get('win_rate_se') or 0):.1f}"
+            f" [{_percent(get('win_rate_ci_low')).strip()}, {_percent(get('win_rate_ci_high')).strip()}]"
+            f"  discrete {_percent(get('win_rate_discrete')).strip()}  LC {_percent(get('lc_win_rate')).strip()}"
+            f"  (n={int(get('num_prompts') or 0)}, length {get('avg_length') or 0:.0f} vs {get('reference_avg_length') or 0:.0f}"
         )
+        if get("gold_reward") is not None:
+            line += f", gold reward {get('gold_reward'):.3f} vs {get('reference_gold_reward'):.3f}"
+        lines.append(line + ")")
+    diagnostics = [
+        ("KL to base", [("sft", "kl_to_base/sft"), ("dpo", "kl_to_base/dpo")], "{:.4f}"),
+        ("entropy", [("base", "entropy/base"), ("sft", "entropy/sft"), ("dpo", "entropy/dpo")], "{:.3f}"),
+        ("implicit-reward acc.", [("dpo vs sft", "implicit_reward_accuracy/dpo_vs_sft/all"),
+                                      ("sft vs base", "implicit_reward_accuracy/sft_vs_base/all")], "{:.2f}"),
+        ("Q-value Spearman", [("dpo vs sft", "q_value_spearman/dpo_vs_sft"), ("sft vs base", "q_value_spearman/sft_vs_base")], "{:.3f}"),
+    ]
+    for label, keys, fmt in diagnostics:
+        found = [f"{name} {fmt.format(evaluation[key])}" for name, key in keys if key in evaluation]
+        if found:
+            lines.append(f"  {label:<21}{'   '.join(found)}")
+    registration = summary.get("registration") or {}
+    aliases = ", ".join(registration.get("aliases") or (["champion"] if summary["champion"] else []))
+    lines.append(f"  registered model     {summary['model_uri']}" + (f"  (aliases: {aliases})" if aliases else ""))
+    if registration.get("reason"):
+        lines.append(f"  promotion            {'promoted' if registration.get('promoted') else 'not promoted'}: {registration['reason']}")
     lines += [
         f"  MLflow run           {summary['mlflow_run_uri']}",
-        f"  registered model     {summary['model_uri']}" + ("  (alias: champion)" if summary["champion"] else ""),
         f"  run directory        {summary['run_dir']}",
         "",
         "Browse the results:",

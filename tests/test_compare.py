@@ -163,7 +163,7 @@ def test_grid_sets_objective_learning_rate_and_seeds_per_cell():
         assert (config.sft.objective, config.sft.learning_rate, config.sft.seed, config.dpo.seed) == (
             cell.objective, cell.learning_rate, cell.seed, cell.seed)
         assert config.dpo.loss_params == {"beta": 0.2} and config.scale == "smoke"
-    assert grid.cells[-1][0].slug == "fdiv-pearson_chi2-lr0.0005-seed3"
+    assert grid.cells[-1][0].slug == f"fdiv-pearson_chi2-lr{recipe_rate / 4:g}-seed3"
 
 
 def test_objective_params_stay_with_the_recipes_objective():
