@@ -27,9 +27,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pydantic import ValidationError  # noqa: E402
 
-from post_train.config import ConfigError, PipelineConfig, load_config  # noqa: E402
+from post_train.config import ConfigError, PipelineConfig, load_config, validate_config  # noqa: E402
 
 ALL = "all"
 Z95 = 1.959964  # two-sided 95% normal quantile
@@ -99,16 +98,7 @@ def cell_config(cell: Cell, base: PipelineConfig) -> PipelineConfig:
         seed=cell.seed,
     )
     data["dpo"]["seed"] = cell.seed
-    try:
-        return PipelineConfig.model_validate(data)
-    except ValidationError as error:
-        problems = "\n".join(
-            f"  {'.'.join(str(part) for part in problem['loc']) or '(top level)'}: {problem['msg']}"
-            for problem in error.errors()
-        )
-        raise ConfigError(
-            f"compare: invalid grid cell {cell.name} (recipe {base.recipe} at scale {base.scale}):\n{problems}"
-        ) from None
+    return validate_config(data, f"compare: invalid grid cell {cell.name} (recipe {base.recipe} at scale {base.scale})")
 
 
 def _no_duplicates(name: str, values: Sequence[Any]) -> None:

@@ -547,13 +547,16 @@ def load_config(
     merged = deep_merge(merged, parse_overrides(overrides))
     merged["recipe"] = recipe_path.stem
     merged["scale"] = scale_path.stem
+    return validate_config(merged, f"invalid configuration from recipe {recipe_path} at scale {scale_path}")
+
+
+def validate_config(settings: dict[str, Any], context: str) -> PipelineConfig:
+    """`settings` as a `PipelineConfig`, or a ConfigError that starts with `context` and names every bad field."""
     try:
-        return PipelineConfig.model_validate(merged)
+        return PipelineConfig.model_validate(settings)
     except ValidationError as error:
         problems = "\n".join(
             f"  {'.'.join(str(part) for part in problem['loc']) or '(top level)'}: {problem['msg']}"
             for problem in error.errors()
         )
-        raise ConfigError(
-            f"invalid configuration from recipe {recipe_path} at scale {scale_path}:\n{problems}"
-        ) from None
+        raise ConfigError(f"{context}:\n{problems}") from None
