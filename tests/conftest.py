@@ -36,6 +36,22 @@ def make_dvc_repo(directory: Path) -> Path:
     return directory
 
 
+@pytest.fixture(scope="module")
+def prefect_server():
+    """A temporary Prefect API for the flow tests of one module (about 25 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, mlflow_store: str) -> Path:
+    """A temporary DVC repository (under `repo/`) beside a fresh MLflow store."""
+    make_dvc_repo(tmp_path / "repo")
+    return tmp_path
+
+
 @pytest.fixture
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh MLflow store, for tests that count runs or model versions."""

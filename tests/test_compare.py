@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 import flows.compare  # imported here, not under capsys: the first `from prefect import flow` binds Prefect's log handler to stderr
 from flows.compare import compare, compare_deployment
 from post_train import comparison
 from post_train.comparison import Cell
 from post_train.config import ConfigError
-from tests.conftest import make_dvc_repo, smoke_overrides
+from tests.conftest import smoke_overrides
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -223,18 +222,6 @@ def test_compare_deployment():
 
 
 # --------------------------------------------------------------------------- the flow
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture
-def workspace(tmp_path: Path, mlflow_store: str) -> Path:
-    make_dvc_repo(tmp_path / "repo")
-    return tmp_path
 
 
 def children(client: MlflowClient, parent_id: str) -> list:

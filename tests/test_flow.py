@@ -5,28 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from post_train.config import ConfigError
 from post_train.data import DataError
-from tests.conftest import make_dvc_repo, smoke_overrides
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture
-def workspace(tmp_path: Path, mlflow_store: str) -> Path:
-    make_dvc_repo(tmp_path / "repo")
-    return tmp_path
+from tests.conftest import smoke_overrides
 
 
 def runs_by_stage(client: MlflowClient, parent_id: str) -> dict[str, object]:
