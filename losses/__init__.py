@@ -1,13 +1,14 @@
 """Pure tensor functions for post-training objectives (the math: docs/objectives.md).
 
 - ``sft_objective(name, **hparams)``: SFT objectives as token-weight functions.
-- ``preference_loss(name, **hparams)``: DPO-family losses on summed response log-probs.
+- ``preference_loss(name, **hparams)``: DPO-family losses of a batch of pairs (``PairLogps``).
 - ``token_logprobs`` / ``token_entropy_and_kl``: chunked fp32 log-prob helpers.
 """
 
 from losses.logprobs import token_entropy_and_kl, token_logprobs
 from losses.preference import (
     PREFERENCE_LOSSES,
+    PairLogps,
     PreferenceLoss,
     PreferenceOutput,
     preference_loss,
@@ -18,6 +19,7 @@ from losses.sft import SFT_OBJECTIVES, SFTObjective, SFTOutput, sft_objective
 __all__ = [
     "PREFERENCE_LOSSES",
     "SFT_OBJECTIVES",
+    "PairLogps",
     "PreferenceLoss",
     "PreferenceOutput",
     "SFTObjective",

@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 # here only has to be a finite number.
 _VALID_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "beta": (lambda v: v > 0, "> 0"),
+    # The weight of an added likelihood term (rpo); negative would push the chosen response down.
+    "alpha": (lambda v: v >= 0, ">= 0"),
     "max_weight": (lambda v: v > 0, "> 0"),
     "eps_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "eps_high": (lambda v: v >= 0, ">= 0"),

@@ -6,6 +6,7 @@ weights from the "weight w_t" column.
 """
 
 import collections
+import dataclasses
 import itertools
 import math
 import types
@@ -18,12 +19,14 @@ import torch.nn.functional as F
 from losses import (
     PREFERENCE_LOSSES,
     SFT_OBJECTIVES,
+    PairLogps,
     preference_loss,
     preference_metrics,
     sft_objective,
     token_entropy_and_kl,
     token_logprobs,
 )
+from losses.preference import PreferenceSpec
 from losses.sft import SFTSpec
 
 F64 = torch.float64
@@ -337,6 +340,7 @@ def test_unknown_hyperparameter_is_named_with_the_valid_ones():
         lambda: sft_objective("psft", eps_low=1.0),
         lambda: preference_loss("robust", label_smoothing=0.5),
         lambda: preference_loss("sigmoid", beta="0.1"),
+        lambda: preference_loss("rpo", alpha=-0.1),
     ],
 )
 def test_invalid_hyperparameter_values_are_rejected(make):
@@ -352,9 +356,9 @@ def test_missing_reference_or_old_log_probs_is_a_clear_error():
         sft_objective("psft")(inputs["logps"], inputs["mask"], ref_logps=inputs["ref_logps"])
     chosen = torch.tensor([-3.0])
     with pytest.raises(ValueError, match=r"'sigmoid' needs ref_chosen and ref_rejected"):
-        preference_loss("sigmoid")(chosen, chosen)
+        preference_loss("sigmoid")(PairLogps(chosen, chosen))
     with pytest.raises(ValueError, match=r"'ipo' .*chosen_lengths and rejected_lengths"):
-        preference_loss("ipo")(chosen, chosen, chosen, chosen)
+        preference_loss("ipo")(PairLogps(chosen, chosen, chosen, chosen))
     with pytest.raises(ValueError, match=r"Unknown preference loss 'dpo'.*sigmoid.*simpo"):
         preference_loss("dpo")
 
@@ -362,57 +366,74 @@ def test_missing_reference_or_old_log_probs_is_a_clear_error():
 # ---------------------------------------------------------------- preference losses
 
 
-def random_pairs(seed: int, batch: int = 6) -> dict[str, torch.Tensor]:
+def random_pairs(seed: int, batch: int = 6) -> PairLogps:
     gen = torch.Generator().manual_seed(seed)
     lengths = {key: torch.randint(1, 40, (batch,), generator=gen) for key in ("chosen", "rejected")}
 
     def summed(key: str) -> torch.Tensor:
         return -lengths[key] * (0.2 + 2 * torch.rand(batch, generator=gen, dtype=F64))
 
-    policy_chosen, policy_rejected = summed("chosen"), summed("rejected")
-    return {
-        "policy_chosen": policy_chosen,
-        "policy_rejected": policy_rejected,
-        "ref_chosen": policy_chosen + 3 * torch.randn(batch, generator=gen, dtype=F64),
-        "ref_rejected": policy_rejected + 3 * torch.randn(batch, generator=gen, dtype=F64),
-        "chosen_lengths": lengths["chosen"],
-        "rejected_lengths": lengths["rejected"],
-    }
+    chosen, rejected = summed("chosen"), summed("rejected")
+    return PairLogps(
+        chosen=chosen,
+        rejected=rejected,
+        ref_chosen=chosen + 3 * torch.randn(batch, generator=gen, dtype=F64),
+        ref_rejected=rejected + 3 * torch.randn(batch, generator=gen, dtype=F64),
+        chosen_lengths=lengths["chosen"],
+        rejected_lengths=lengths["rejected"],
+    )
 
 
-def doc_preference(name: str, pairs, hparams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def with_policy_leaves(pairs: PairLogps) -> PairLogps:
+    """`pairs` with fresh copies of the policy log-probs that collect gradients."""
+    return dataclasses.replace(
+        pairs,
+        chosen=pairs.chosen.detach().clone().requires_grad_(True),
+        rejected=pairs.rejected.detach().clone().requires_grad_(True),
+    )
+
+
+def select(pairs: PairLogps, index: list[int]) -> PairLogps:
+    return PairLogps(**{f.name: getattr(pairs, f.name)[index] for f in dataclasses.fields(pairs)})
+
+
+def doc_preference(name: str, pairs: PairLogps, hparams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(losses, reward_chosen, reward_rejected) from the doc's preference table."""
     beta = hparams["beta"]
     eps = hparams.get("label_smoothing", 0.0)
-    chosen, rejected = pairs["policy_chosen"], pairs["policy_rejected"]
-    if name != "simpo":
-        chosen, rejected = chosen - pairs["ref_chosen"], rejected - pairs["ref_rejected"]
-    # Rewards: β(L - L^ref) with summed L; without a reference (simpo), β times the average.
-    reward_chosen, reward_rejected = beta * chosen, beta * rejected
-    if name in ("ipo", "simpo"):
-        chosen, rejected = chosen / pairs["chosen_lengths"], rejected / pairs["rejected_lengths"]
-    if name == "simpo":
-        reward_chosen, reward_rejected = beta * chosen, beta * rejected
-    h = beta * (chosen - rejected)
+    chosen, rejected = pairs.chosen, pairs.rejected
+    chosen_lengths, rejected_lengths = pairs.chosen_lengths.to(F64), pairs.rejected_lengths.to(F64)
+    r_w, r_l = chosen - pairs.ref_chosen, rejected - pairs.ref_rejected
+    h = beta * (r_w - r_l)
     log_sigmoid = lambda x: torch.log(torch.sigmoid(x))  # noqa: E731 - the textbook form, on moderate x
     losses = {
         "sigmoid": lambda: -(1 - eps) * log_sigmoid(h) - eps * log_sigmoid(-h),
         "robust": lambda: (-(1 - eps) * log_sigmoid(h) + eps * log_sigmoid(-h)) / (1 - 2 * eps),
         "hinge": lambda: torch.clamp(1 - h, min=0),
-        "ipo": lambda: (h / beta - 1 / (2 * beta)) ** 2,
-        "simpo": lambda: -log_sigmoid(h - hparams["gamma"]),
+        "ipo": lambda: (r_w / chosen_lengths - r_l / rejected_lengths - 1 / (2 * beta)) ** 2,
+        "simpo": lambda: (
+            -log_sigmoid(beta * (chosen / chosen_lengths - rejected / rejected_lengths) - hparams["gamma"])
+        ),
+        "rpo": lambda: -log_sigmoid(h) - hparams["alpha"] * len(chosen) * chosen / chosen_lengths.sum(),
+        "nca": lambda: -log_sigmoid(beta * r_w) - 0.5 * log_sigmoid(-beta * r_w) - 0.5 * log_sigmoid(-beta * r_l),
+        "apo_zero": lambda: 1 - torch.sigmoid(beta * r_w) + torch.sigmoid(beta * r_l),
+        "apo_down": lambda: torch.sigmoid(beta * r_w) + 1 - torch.sigmoid(h),
+        "sppo_hard": lambda: (r_w - 1 / (2 * beta)) ** 2 + (r_l + 1 / (2 * beta)) ** 2,
     }[name]()
-    return losses, reward_chosen, reward_rejected
+    # Rewards: β(L - L^ref) with summed L; without a reference (simpo), β times the average.
+    if name == "simpo":
+        return losses, beta * chosen / chosen_lengths, beta * rejected / rejected_lengths
+    return losses, beta * r_w, beta * r_l
 
 
-PREFERENCE_CASES = [
-    ("sigmoid", {}),
+# Every registered loss at its defaults, plus other hyperparameters where they change the formula.
+PREFERENCE_CASES = [(name, {}) for name in PREFERENCE_LOSSES] + [
     ("sigmoid", {"label_smoothing": 0.1, "beta": 0.3}),
     ("robust", {"label_smoothing": 0.2}),
     ("hinge", {"beta": 0.5}),
     ("ipo", {"beta": 0.5}),
-    ("simpo", {}),
     ("simpo", {"beta": 2.5, "gamma": 1.0}),
+    ("rpo", {"beta": 0.5, "alpha": 0.3}),
 ]
 
 
@@ -420,65 +441,128 @@ PREFERENCE_CASES = [
 @pytest.mark.parametrize(("name", "hparams"), PREFERENCE_CASES)
 def test_preference_losses_match_the_doc(name, hparams, seed):
     loss = preference_loss(name, **hparams)
-    pairs = random_pairs(seed)
-    policy = {key: pairs[key].clone().requires_grad_(True) for key in ("policy_chosen", "policy_rejected")}
-    out = loss(**{**pairs, **policy})
+    pairs = with_policy_leaves(random_pairs(seed))
+    out = loss(pairs)
     out.losses.sum().backward()
 
-    expected_policy = {key: pairs[key].clone().requires_grad_(True) for key in policy}
-    expected, expected_chosen, expected_rejected = doc_preference(
-        name, {**pairs, **expected_policy}, loss.hparams
-    )
+    expected_pairs = with_policy_leaves(pairs)
+    expected, expected_chosen, expected_rejected = doc_preference(name, expected_pairs, loss.hparams)
     expected.sum().backward()
 
+    assert out.losses.dtype == F64 and out.losses.shape == pairs.chosen.shape
     torch.testing.assert_close(out.losses, expected.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out.reward_chosen, expected_chosen.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out.reward_rejected, expected_rejected.detach(), rtol=1e-12, atol=1e-12)
-    for key in policy:
-        torch.testing.assert_close(policy[key].grad, expected_policy[key].grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pairs.chosen.grad, expected_pairs.chosen.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pairs.rejected.grad, expected_pairs.rejected.grad, rtol=1e-10, atol=1e-12)
     assert not out.reward_chosen.requires_grad and not out.reward_rejected.requires_grad
+
+
+@pytest.mark.parametrize("name", list(PREFERENCE_LOSSES))
+def test_preference_gradients_match_finite_differences(name):
+    loss = preference_loss(name, beta=0.5)
+    pairs = random_pairs(4)
+
+    def losses(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        return loss(dataclasses.replace(pairs, chosen=chosen, rejected=rejected)).losses
+
+    policy = (pairs.chosen.clone().requires_grad_(True), pairs.rejected.clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(losses, policy)
+
+
+INPUT_FLAGS = {"needs_ref": ("ref_chosen", "ref_rejected"), "needs_lengths": ("chosen_lengths", "rejected_lengths")}
+
+
+@pytest.mark.parametrize("flag", list(INPUT_FLAGS))
+@pytest.mark.parametrize("name", list(PREFERENCE_LOSSES))
+def test_preference_losses_read_exactly_the_inputs_their_flags_declare(name, flag):
+    loss = preference_loss(name)
+    pairs = random_pairs(5)
+    out = loss(pairs)
+    chosen_field, rejected_field = INPUT_FLAGS[flag]
+    if getattr(loss, flag):
+        shifted = {chosen_field: getattr(pairs, chosen_field) + 2, rejected_field: getattr(pairs, rejected_field) + 1}
+        assert not torch.allclose(loss(dataclasses.replace(pairs, **shifted)).losses, out.losses)
+        with pytest.raises(ValueError, match=f"'{name}' needs {chosen_field} and {rejected_field}"):
+            loss(dataclasses.replace(pairs, **{rejected_field: None}))
+    else:
+        nan = torch.full_like(pairs.chosen, float("nan"))
+        for hidden in (None, nan):
+            same = loss(dataclasses.replace(pairs, **{chosen_field: hidden, rejected_field: hidden}))
+            assert torch.equal(same.losses, out.losses)
+            assert torch.equal(same.reward_chosen, out.reward_chosen)
+            assert torch.equal(same.reward_rejected, out.reward_rejected)
 
 
 def test_preference_defaults_and_reference_needs():
     assert preference_loss("sigmoid").hparams == {"beta": 0.1, "label_smoothing": 0.0}
     assert preference_loss("simpo").hparams == {"beta": 2.0, "gamma": 0.5}
+    assert preference_loss("rpo").hparams == {"beta": 0.1, "alpha": 1.0}
     assert {name for name, spec in PREFERENCE_LOSSES.items() if not spec.needs_ref} == {"simpo"}
-    assert preference_loss("simpo").needs_ref is False and preference_loss("ipo").needs_ref is True
+    assert {name for name, spec in PREFERENCE_LOSSES.items() if spec.needs_lengths} == {"ipo", "simpo", "rpo"}
     pairs = random_pairs(2)
-    out = preference_loss("simpo")(
-        pairs["policy_chosen"],
-        pairs["policy_rejected"],
-        None,
-        None,
-        chosen_lengths=pairs["chosen_lengths"],
-        rejected_lengths=pairs["rejected_lengths"],
-    )
-    torch.testing.assert_close(out.reward_chosen, 2.0 * pairs["policy_chosen"] / pairs["chosen_lengths"])
+    out = preference_loss("simpo")(dataclasses.replace(pairs, ref_chosen=None, ref_rejected=None))
+    torch.testing.assert_close(out.reward_chosen, 2.0 * pairs.chosen / pairs.chosen_lengths)
+
+
+def test_a_reference_free_loss_must_read_lengths_for_its_rewards():
+    with pytest.raises(ValueError, match="without a reference.*needs lengths"):
+        PreferenceSpec(lambda pair: -pair.chosen, needs_ref=False)
+
+
+def test_adding_a_preference_loss_is_one_function_and_one_entry(monkeypatch):
+    def chosen_only(pair: PairLogps, beta: float) -> torch.Tensor:
+        return -F.logsigmoid(beta * pair.logratios()[0])
+
+    monkeypatch.setitem(PREFERENCE_LOSSES, "test:chosen_only", PreferenceSpec(chosen_only, {"beta": 0.1}))
+    pairs = with_policy_leaves(random_pairs(6))
+    out = preference_loss("test:chosen_only", beta=0.5)(pairs)
+    out.losses.sum().backward()
+    torch.testing.assert_close(out.losses, -F.logsigmoid(0.5 * (pairs.chosen - pairs.ref_chosen)).detach())
+    assert pairs.rejected.grad is None and (pairs.chosen.grad != 0).all()
 
 
 @pytest.mark.parametrize(("name", "hparams"), PREFERENCE_CASES)
 def test_preference_losses_are_finite_on_extreme_inputs(name, hparams):
     values = [-6000.0, -60.0, -1e-6]
     quads = list(itertools.product(values, repeat=4))
-    policy_chosen = torch.tensor([q[0] for q in quads], requires_grad=True)
-    policy_rejected = torch.tensor([q[1] for q in quads], requires_grad=True)
-    ref_chosen, ref_rejected = torch.tensor([q[2] for q in quads]), torch.tensor([q[3] for q in quads])
     lengths = torch.full((len(quads),), 100)
     lengths[0] = 0
-    out = preference_loss(name, **hparams)(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, lengths, lengths
+    pairs = PairLogps(
+        chosen=torch.tensor([q[0] for q in quads], requires_grad=True),
+        rejected=torch.tensor([q[1] for q in quads], requires_grad=True),
+        ref_chosen=torch.tensor([q[2] for q in quads]),
+        ref_rejected=torch.tensor([q[3] for q in quads]),
+        chosen_lengths=lengths,
+        rejected_lengths=lengths,
     )
+    out = preference_loss(name, **hparams)(pairs)
     out.losses.sum().backward()
-    outputs = (out.losses, out.reward_chosen, out.reward_rejected, policy_chosen.grad, policy_rejected.grad)
+    outputs = (out.losses, out.reward_chosen, out.reward_rejected, pairs.chosen.grad, pairs.rejected.grad)
+    assert out.losses.dtype == torch.float32
     assert all(torch.isfinite(tensor).all() for tensor in outputs)
+
+
+def test_preference_losses_compute_low_precision_inputs_in_fp32():
+    pairs = random_pairs(7)
+    low = PairLogps(**{f.name: getattr(pairs, f.name).to(torch.bfloat16) for f in dataclasses.fields(pairs)})
+    low = with_policy_leaves(low)
+    out = preference_loss("rpo")(low)
+    out.losses.sum().backward()
+    assert out.losses.dtype == torch.float32 and out.reward_chosen.dtype == torch.float32
+    assert low.chosen.grad.dtype == torch.bfloat16
+    as_f64 = PairLogps(**{f.name: getattr(low, f.name).detach().to(F64) for f in dataclasses.fields(low)})
+    torch.testing.assert_close(out.losses.to(F64), preference_loss("rpo")(as_f64).losses, rtol=1e-6, atol=1e-6)
 
 
 def test_preference_metrics_use_trl_names_and_strict_accuracy():
     out = preference_loss("sigmoid", beta=0.5)(
-        torch.tensor([-1.0, -2.0, -3.0, -4.0]),
-        torch.tensor([-2.0, -2.0, -1.0, -4.0]),
-        torch.tensor([-1.0, -1.0, -1.0, -3.0]),
-        torch.tensor([-1.0, -1.0, -1.0, -3.0]),
+        PairLogps(
+            chosen=torch.tensor([-1.0, -2.0, -3.0, -4.0]),
+            rejected=torch.tensor([-2.0, -2.0, -1.0, -4.0]),
+            ref_chosen=torch.tensor([-1.0, -1.0, -1.0, -3.0]),
+            ref_rejected=torch.tensor([-1.0, -1.0, -1.0, -3.0]),
+        )
     )
     # rewards chosen: 0, -0.5, -1, -0.5; rejected: -0.5, -0.5, 0, -0.5 (two ties)
     metrics = preference_metrics(out)
@@ -515,8 +599,20 @@ def test_preference_metrics_use_trl_names_and_strict_accuracy():
 # - SimPO is not in DPOTrainer; `CPOTrainer.cpo_loss` with loss_type "simpo" takes per-token
 #   average policy log-probs (CPO calls `get_batch_logps(average_log_prob=True)` for simpo) and its
 #   `simpo_gamma` is the margin γ itself (it subtracts γ/β inside β(...)), like ours.
+# - RPO has no loss type of its own (`rpo_alpha` is gone): it is `loss_type=["sigmoid", "sft"]`
+#   with `loss_weights=[1, α]`, and "sft" is the mean NLL over all chosen tokens of the batch, not
+#   a per-pair mean. So a pair's loss depends on the batch's chosen lengths, and the per-pair check
+#   below compares each pair as a batch of one.
+# - Our `nca` is TRL's "nca_pair".
 
 TRL_BETAS = (0.05, 0.5, 2.0)
+
+
+def trl_dpo_loss_types(name: str, hparams) -> tuple[list[str], list[float]]:
+    """TRL 1.16 `DPOConfig.loss_type` and `loss_weights` for our loss `name`."""
+    if name == "rpo":
+        return ["sigmoid", "sft"], [1.0, hparams["alpha"]]
+    return [{"nca": "nca_pair"}.get(name, name)], [1.0]
 
 
 def import_trl():
@@ -540,8 +636,8 @@ class _Accelerator:
     gather_for_metrics = gather
 
 
-def trl_dpo_compute_loss(dpo_trainer_cls, loss_type, beta, label_smoothing, pairs, index):
-    """TRL's loss for `pairs[...][index]`, via `DPOTrainer._compute_loss`, and its logged rewards.
+def trl_dpo_compute_loss(dpo_trainer_cls, loss_types, loss_weights, beta, label_smoothing, pairs, index):
+    """TRL's loss for `pairs` at `index`, via `DPOTrainer._compute_loss`, and its logged rewards.
 
     `index` is a list of pair indices: the batch TRL sees is those pairs, laid out as TRL's collator
     does ([chosen rows; rejected rows], prompt then completion), and the returned loss is TRL's batch
@@ -555,8 +651,8 @@ def trl_dpo_compute_loss(dpo_trainer_cls, loss_type, beta, label_smoothing, pair
     trainer.ld_alpha = None
     trainer.precompute_ref_logps = True
     trainer.f_divergence_type = "reverse_kl"  # standard DPO
-    trainer.loss_types = [loss_type]
-    trainer.loss_weights = [1.0]
+    trainer.loss_types = loss_types
+    trainer.loss_weights = loss_weights
     trainer.beta = beta
     trainer.label_smoothing = label_smoothing
     trainer.use_weighting = False
@@ -564,8 +660,8 @@ def trl_dpo_compute_loss(dpo_trainer_cls, loss_type, beta, label_smoothing, pair
     trainer._total_train_tokens = 0
 
     prompt = 3
-    summed = torch.cat([pairs["policy_chosen"][index], pairs["policy_rejected"][index]])
-    lengths = torch.cat([pairs["chosen_lengths"][index], pairs["rejected_lengths"][index]])
+    summed = torch.cat([pairs.chosen[index], pairs.rejected[index]])
+    lengths = torch.cat([pairs.chosen_lengths[index], pairs.rejected_lengths[index]])
     width = prompt + int(lengths.max())
     positions = torch.arange(width)
     completion_mask = ((positions >= prompt) & (positions < prompt + lengths[:, None])).long()
@@ -586,8 +682,8 @@ def trl_dpo_compute_loss(dpo_trainer_cls, loss_type, beta, label_smoothing, pair
         "input_ids": torch.ones_like(completion_mask),
         "attention_mask": torch.ones_like(completion_mask),
         "completion_mask": completion_mask,
-        "ref_chosen_logps": pairs["ref_chosen"][index],
-        "ref_rejected_logps": pairs["ref_rejected"][index],
+        "ref_chosen_logps": pairs.ref_chosen[index],
+        "ref_rejected_logps": pairs.ref_rejected[index],
     }
     loss = trainer._compute_loss(model, inputs, return_outputs=False)
     metrics = trainer._metrics["eval"]
@@ -614,36 +710,40 @@ def test_preference_losses_match_trl(name, hparams, beta):
     loss = preference_loss(name, **{**hparams, "beta": beta})
     eps = loss.hparams.get("label_smoothing", 0.0)
     pairs = random_pairs(3)
-    out = loss(**pairs)
+    out = loss(pairs)
     batch = len(out.losses)
-    chosen_lengths = pairs["chosen_lengths"].to(F64)
-    rejected_lengths = pairs["rejected_lengths"].to(F64)
+    # Each pair as a batch of one, as the per-pair oracles see it.
+    alone = torch.cat([loss(select(pairs, [i])).losses for i in range(batch)])
     tight = {"rtol": 1e-10, "atol": 1e-12}  # float64 throughout; only summation order differs
 
     if name == "simpo":
-        average_chosen = pairs["policy_chosen"] / chosen_lengths
-        average_rejected = pairs["policy_rejected"] / rejected_lengths
+        average_chosen = pairs.chosen / pairs.chosen_lengths.to(F64)
+        average_rejected = pairs.rejected / pairs.rejected_lengths.to(F64)
         trl_losses, trl_chosen, trl_rejected = trl_cpo_loss(
             cpo_trainer_cls, "simpo", beta, 0.0, loss.hparams["gamma"], average_chosen, average_rejected
         )
     elif name == "sigmoid" and eps > 0:
         # cDPO: DPOTrainer's "sigmoid" has no label smoothing in trl 1.x; CPO's has (see above).
-        chosen_logratios = pairs["policy_chosen"] - pairs["ref_chosen"]
-        rejected_logratios = pairs["policy_rejected"] - pairs["ref_rejected"]
+        chosen_logratios, rejected_logratios = pairs.logratios()
         trl_losses, trl_chosen, trl_rejected = trl_cpo_loss(
             cpo_trainer_cls, "sigmoid", beta, eps, None, chosen_logratios, rejected_logratios
         )
     else:
+        loss_types, loss_weights = trl_dpo_loss_types(name, loss.hparams)
+
+        def trl_loss(index):
+            return trl_dpo_compute_loss(dpo_trainer_cls, loss_types, loss_weights, beta, eps, pairs, index)
+
         # One pair per call: `_compute_loss` returns only the batch mean, and logs rewards as means.
-        per_pair = [trl_dpo_compute_loss(dpo_trainer_cls, name, beta, eps, pairs, [i]) for i in range(batch)]
+        per_pair = [trl_loss([i]) for i in range(batch)]
         trl_losses = torch.stack([result[0] for result in per_pair])
         trl_chosen = torch.tensor([result[1] for result in per_pair], dtype=F64)
         trl_rejected = torch.tensor([result[2] for result in per_pair], dtype=F64)
         # The whole batch at once (TRL's [chosen; rejected] layout, ragged lengths) gives the mean.
-        batch_loss, _, _ = trl_dpo_compute_loss(dpo_trainer_cls, name, beta, eps, pairs, list(range(batch)))
+        batch_loss, _, _ = trl_loss(list(range(batch)))
         torch.testing.assert_close(out.losses.mean(), batch_loss.to(F64), **tight)
 
-    torch.testing.assert_close(out.losses, trl_losses.to(F64), **tight)
+    torch.testing.assert_close(alone, trl_losses.to(F64), **tight)
     torch.testing.assert_close(out.reward_chosen, trl_chosen.to(F64), **tight)
     torch.testing.assert_close(out.reward_rejected, trl_rejected.to(F64), **tight)
 
