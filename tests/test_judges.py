@@ -13,8 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from post_train.config import ConfigError, LLMJudgeConfig, RewardModelJudgeConfig, load_config
-from post_train.judges import GoldJudge, JudgeError, LLMJudge, RewardModelJudge, first_preference, model_shown_first
+from post_train.config import ConfigError, EvaluationConfig, EvaluationSettings, load_config
+from post_train.judges import JUDGES, judge_class, judge_fingerprint, make_judge
+from post_train.judges.base import Judge, JudgeSettings
+from post_train.judges.gold import GoldJudge, GoldJudgeSettings
+from post_train.judges.llm import JudgeError, LLMJudge, LLMJudgeSettings, candidate_shown_first, first_preference
+from post_train.judges.reward_model import RewardModelJudge, RewardModelJudgeSettings
+from post_train.reference import model_fingerprint
 
 SECRET = "sk-test-0123456789abcdef-never-store-me"
 KEY_ENV = "POST_TRAIN_TEST_JUDGE_KEY"
@@ -107,10 +112,10 @@ def judge_server():
     server.close()
 
 
-def llm_settings(server: JudgeServer, tmp_path: Path, **overrides) -> LLMJudgeConfig:
+def llm_settings(server: JudgeServer, tmp_path: Path, **overrides) -> LLMJudgeSettings:
     values = {"base_url": server.base_url, "model": "judge-test", "api_key_env": KEY_ENV, "backoff_s": 0.01,
               "cache_dir": str(tmp_path / "judge-cache"), "concurrency": 4, **overrides}
-    return LLMJudgeConfig(**values)
+    return LLMJudgeSettings(**values)
 
 
 def pairs(n: int = 12) -> tuple[list, list[str], list[str]]:
@@ -136,13 +141,13 @@ def test_llm_judge_randomises_the_order_reads_logprobs_and_maps_back(judge_serve
 
     assert len(judge_server.requests) == 12 and judge.requests == 12
     assert verdicts[-1].preference == 0.5 and verdicts[-1].source == "identical"
-    shown_first = [v.model_shown_first for v in verdicts[:-1]]
+    shown_first = [v.candidate_shown_first for v in verdicts[:-1]]
     assert set(shown_first) == {True, False}, "the order must vary across instructions"
     for i, verdict in enumerate(verdicts[:-1]):
         # The server prefers the longer output with probability 0.8, wherever it was shown.
         assert verdict.preference == pytest.approx(0.8 if i % 2 == 0 else 0.2)
         assert verdict.source == "logprobs"
-        assert verdict.model_shown_first == model_shown_first(0, prompts[i][0]["content"])
+        assert verdict.candidate_shown_first == candidate_shown_first(0, prompts[i][0]["content"])
     by_instruction = {json.loads(re.search(r'"instruction": (".*"),', r["body"]["messages"][-1]["content"]).group(1)): r
                       for r in judge_server.requests}
     for i in range(12):
@@ -155,7 +160,7 @@ def test_llm_judge_randomises_the_order_reads_logprobs_and_maps_back(judge_serve
     other = LLMJudge(llm_settings(judge_server, tmp_path, seed=1), tmp_path)
     again = other.judge(prompts[:-1], outputs[:-1], references[:-1])
     other.close()
-    assert [v.model_shown_first for v in again] != shown_first
+    assert [v.candidate_shown_first for v in again] != shown_first
     assert [v.preference for v in again] == pytest.approx([v.preference for v in verdicts[:-1]])
 
 
@@ -286,19 +291,101 @@ def test_judge_settings_are_validated():
     config = load_config("lowlr", "smoke", {"evaluation.judge": "llm", "evaluation.llm.base_url": "http://127.0.0.1:9/v1/",
                                             "evaluation.llm.model": "m"})
     assert config.evaluation.llm.base_url == "http://127.0.0.1:9/v1" and config.evaluation.llm.api_key_env == "OPENAI_API_KEY"
-    assert config.evaluation.judge_settings()["llm"]["model"] == "m"
+    assert config.evaluation.judge_settings() == config.evaluation.llm and config.evaluation.llm.model == "m"
+
+
+# --------------------------------------------------------------------------------------------- the registry
+
+
+def test_every_registered_judge_owns_its_settings_fingerprint_and_metrics():
+    assert set(JUDGES) == {"gold", "reward_model", "llm"}
+    for name in JUDGES:
+        judge = judge_class(name)
+        assert issubclass(judge, Judge) and judge.name == name
+        assert issubclass(judge.settings_model, JudgeSettings) and judge.settings_model is not JudgeSettings
+        assert judge.judge is not Judge.judge, f"{name} does not judge"
+        for method in ("fingerprint", "check", "extra_metrics", "describe", "close"):
+            assert callable(getattr(judge, method)), method
+        # Its settings are the recipe section named after it, which no other evaluation setting may take.
+        assert name not in EvaluationSettings.model_fields
+        assert EvaluationConfig.model_fields[name].default is None
+    assert judge_fingerprint(EvaluationConfig()) == {"judge": "gold", "gold": {}}
+    evaluation = EvaluationConfig(judge="llm", llm={"base_url": "http://127.0.0.1:9/v1", "model": "a"})
+    fingerprint = judge_fingerprint(evaluation)
+    assert fingerprint["judge"] == "llm" and fingerprint["llm"]["model"] == "a"
+    other = evaluation.model_copy(update={"llm": evaluation.llm.model_copy(update={"model": "b"})})
+    assert judge_fingerprint(other) != fingerprint
+
+
+def test_an_unknown_judge_is_refused_with_the_known_ones():
+    with pytest.raises(ConfigError) as error:
+        load_config("lowlr", "smoke", {"evaluation.judge": "oracle"})
+    assert "evaluation.judge: Value error, unknown judge 'oracle'; known: gold, llm, reward_model" in str(error.value)
+    with pytest.raises(ConfigError, match="evaluation.oracle"):  # a section of no judge is an unknown key
+        load_config("lowlr", "smoke", {"evaluation.oracle.x": 1})
+
+
+def test_a_new_judge_is_one_class_and_one_registry_entry(tmp_path):
+    """A judge registered before the config loads gets its section validated, with no edit to the config module."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        from pydantic import Field
+        from post_train.judges import JUDGES, make_judge
+        from post_train.judges.base import Judge, JudgeSettings, Verdict
+
+        class CoinSettings(JudgeSettings):
+            bias: float = Field(ge=0, le=1)
+
+        class CoinJudge(Judge):
+            name = "coin"
+            settings_model = CoinSettings
+
+            def judge(self, prompts, candidates, baselines):
+                return [Verdict(self.settings.bias) for _ in candidates]
+
+        JUDGES["coin"] = "__main__:CoinJudge"
+        from post_train.config import ConfigError, load_config
+
+        config = load_config("lowlr", "smoke", {"evaluation.judge": "coin", "evaluation.coin.bias": 0.25})
+        print(make_judge(config.evaluation, "cache").judge([[]], ["a"], ["b"])[0].preference)
+        for overrides in ({"evaluation.judge": "coin"}, {"evaluation.judge": "coin", "evaluation.coin.bias": 2}):
+            try:
+                load_config("lowlr", "smoke", overrides)
+            except ConfigError as error:
+                print(str(error).splitlines()[-1])
+    """)
+    repository = Path(__file__).parents[1]
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=repository)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "0.25"
+    assert "judge coin needs evaluation.coin (at least bias)" in lines[1]
+    assert lines[2].startswith("  evaluation.coin.bias:")
 
 
 # --------------------------------------------------------------------------------------------- gold
 
 
-def test_gold_judge_compares_exact_rewards_and_refuses_other_prompts():
+def test_gold_judge_compares_exact_rewards_and_refuses_other_prompts(tmp_path):
+    from post_train.data import EvalExample
+
+    gold = GoldJudge(GoldJudgeSettings(), tmp_path)
     prompts = [[{"role": "user", "content": "Reverse: a b c"}]] * 3
-    verdicts = GoldJudge().judge(prompts, ["c b a", "a b c", "c b a"], ["c b", "c b a", "c b a"])
+    verdicts = gold.judge(prompts, ["c b a", "a b c", "c b a"], ["c b", "c b a", "c b a"])
     assert [v.preference for v in verdicts] == [1.0, 0.0, 0.5]
-    assert verdicts[0].model_score == 1.0 and verdicts[0].reference_score == pytest.approx(2 / 3)
+    assert verdicts[0].candidate_score == 1.0 and verdicts[0].baseline_score == pytest.approx(2 / 3)
     with pytest.raises(ConfigError, match="demo-world prompts only"):
-        GoldJudge().judge([[{"role": "user", "content": "Write a poem."}]], ["x"], ["y"])
+        gold.judge([[{"role": "user", "content": "Write a poem."}]], ["x"], ["y"])
+
+    world = [EvalExample(prompt=prompts[0], reference="c b a", split="in_distribution")]
+    gold.check(world)
+    assert gold.extra_metrics(world, verdicts[:1]) == {}
+    poem = EvalExample(prompt=[{"role": "user", "content": "Write a poem."}], reference="...", split="x")
+    with pytest.raises(ConfigError, match="demo-world prompts only, and 1 of the 2 evaluation prompts are others.*Write a poem"):
+        gold.check(world + [poem])
 
 
 # --------------------------------------------------------------------------------------------- reward model
@@ -324,14 +411,14 @@ def reward_model_dir(smoke_stages, tmp_path_factory) -> Path:
     return directory
 
 
-def test_reward_model_judge_scores_with_the_chat_template_and_gives_soft_preferences(reward_model_dir):
+def test_reward_model_judge_scores_with_the_chat_template_and_gives_soft_preferences(reward_model_dir, tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     prompts = [[{"role": "user", "content": f"Copy: {' '.join('abcdefgh'[: n + 1])}"}] for n in range(5)]
     outputs = ["a", "a b c", "b", "a b c d e f", "h h h h"]
     references = ["a", "a b", "a b c", "a b c d", "a b c d e"]
-    judge = RewardModelJudge(RewardModelJudgeConfig(name_or_path=str(reward_model_dir), batch_size=2))
+    judge = RewardModelJudge(RewardModelJudgeSettings(name_or_path=str(reward_model_dir), batch_size=2), tmp_path)
     verdicts = judge.judge(prompts, outputs, references)
 
     tokenizer = AutoTokenizer.from_pretrained(reward_model_dir)
@@ -340,10 +427,10 @@ def test_reward_model_judge_scores_with_the_chat_template_and_gives_soft_prefere
         ids = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": output}], tokenize=True, return_dict=True)["input_ids"]
         with torch.no_grad():
             alone = float(model(input_ids=torch.tensor([list(ids)])).logits[0, 0])
-        assert verdict.model_score == pytest.approx(alone, abs=1e-4)  # batching and padding change nothing
+        assert verdict.candidate_score == pytest.approx(alone, abs=1e-4)  # batching and padding change nothing
     assert verdicts[0].preference == 0.5 and verdicts[0].source == "identical"
     for verdict in verdicts[1:]:
-        assert verdict.preference == pytest.approx(1 / (1 + math.exp(verdict.reference_score - verdict.model_score)))
+        assert verdict.preference == pytest.approx(1 / (1 + math.exp(verdict.baseline_score - verdict.candidate_score)))
     swapped = judge.judge(prompts, references, outputs)
     assert [v.preference for v in swapped] == pytest.approx([1 - v.preference for v in verdicts])
 
@@ -356,7 +443,26 @@ def test_reward_model_judge_needs_one_label(reward_model_dir, tmp_path):
     LlamaForSequenceClassification(config).save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(reward_model_dir).save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="has 2 labels"):
-        RewardModelJudge(RewardModelJudgeConfig(name_or_path=str(tmp_path)))
+        RewardModelJudge(RewardModelJudgeSettings(name_or_path=str(tmp_path)), tmp_path)
+
+
+def test_the_reward_model_judges_fingerprint_follows_its_weights(reward_model_dir, tmp_path):
+    import shutil
+
+    evaluation = EvaluationConfig(judge="reward_model", reward_model={"name_or_path": str(reward_model_dir)})
+    fingerprint = judge_fingerprint(evaluation)
+    assert fingerprint["weights"] == model_fingerprint(str(reward_model_dir))
+    assert fingerprint["reward_model"]["name_or_path"] == str(reward_model_dir)
+    copy = tmp_path / "retrained"
+    shutil.copytree(reward_model_dir, copy)
+    moved = EvaluationConfig(judge="reward_model", reward_model={"name_or_path": str(copy)})
+    assert judge_fingerprint(moved)["weights"] == fingerprint["weights"]
+    weights = next(copy.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
+    assert judge_fingerprint(moved)["weights"] != fingerprint["weights"]
+    judge = make_judge(evaluation, tmp_path)
+    assert isinstance(judge, RewardModelJudge)
+    assert judge.describe() == {"judge": "reward_model", "reward_model": str(reward_model_dir)}
 
 
 def test_evaluate_with_the_reward_model_judge(smoke_stages, reward_model_dir, mlflow_store, tmp_path):

@@ -17,13 +17,13 @@ from post_train.evaluation import (
     summarize,
     win_rate,
 )
-from post_train.judges import GoldJudge
+from post_train.judges.gold import GoldJudge, GoldJudgeSettings
 
 
-def test_a_model_against_itself_wins_half_the_time_on_every_statistic():
+def test_a_model_against_itself_wins_half_the_time_on_every_statistic(tmp_path):
     outputs = ["a b c", "d e", "f", "g h i j"]
     prompts = [[{"role": "user", "content": p}] for p in ("Copy: a b c", "Copy: d e", "Reverse: f", "Sort: g h i j")]
-    verdicts = GoldJudge().judge(prompts, outputs, outputs)
+    verdicts = GoldJudge(GoldJudgeSettings(), tmp_path).judge(prompts, outputs, outputs)
     assert [v.source for v in verdicts] == ["identical"] * 4
     metrics = split_metrics(["x"] * 4, [v.preference for v in verdicts], outputs, outputs)
     for key in ("win_rate", "win_rate_discrete", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate"):

@@ -1,21 +1,11 @@
-"""Judges: who decides whether a model's output beats another one (the reference, or a champion's).
+"""`llm`: an OpenAI-compatible chat-completions endpoint, asked AlpacaEval 2's pairwise question.
 
-`evaluation.judge` picks one:
-
-- `gold` — the demo world's exact reward (`post_train.world.reward.gold_reward`); preference 1, 0.5
-  or 0 by comparing the two rewards. Demo-world prompts only.
-- `reward_model` — a sequence-classification model with one output (`evaluation.reward_model`): the
-  chat template renders prompt + response, the model scores it, and the preference is
-  σ(r_model − r_reference) (soft; its rounding is the hard verdict 1[r_model > r_reference], ties 0.5).
-- `llm` — an OpenAI-compatible chat-completions endpoint (`evaluation.llm`), asked AlpacaEval 2's
-  pairwise question ("which identifier, m or M, names the better output?"). The order of the two
-  outputs is drawn per instruction from a seeded hash and mapped back; the preference is the judge's
-  probability P(id of the model) / (P(m) + P(M)) read from its top log-probs when the endpoint returns
-  them (AlpacaEval's p ∈ [1, 2] minus 1), else its answer (1 or 0), else a draw. Requests are retried
-  with exponential backoff, time out, run `concurrency` at a time, and are cached in SQLite keyed by
-  (judge model, prompt version, instruction, first output, second output), so re-runs cost nothing.
-
-Every judge calls byte-identical outputs a draw without asking.
+"Which identifier, m or M, names the better output?" The order of the two outputs is drawn per
+instruction from a seeded hash and mapped back; the preference is the judge's probability
+P(id of the candidate) / (P(m) + P(M)) read from its top log-probs when the endpoint returns them
+(AlpacaEval's p ∈ [1, 2] minus 1), else its answer (1 or 0), else a draw. Requests are retried
+with exponential backoff, time out, run `concurrency` at a time, and are cached in SQLite keyed by
+(judge model, prompt version, instruction, first output, second output), so re-runs cost nothing.
 """
 
 from __future__ import annotations
@@ -29,43 +19,56 @@ import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-from post_train.config import ConfigError, EvaluationConfig, LLMJudgeConfig, RewardModelJudgeConfig
-from post_train.evaluation import preference, soft_preference
+from pydantic import Field, field_validator
+
+from post_train.errors import ConfigError
+from post_train.judges.base import Judge, JudgeSettings, Messages, Verdict
 
 logger = logging.getLogger(__name__)
 
-Messages = list[dict[str, str]]
 
+class LLMJudgeSettings(JudgeSettings):
+    """`evaluation.llm`: an OpenAI-compatible chat-completions endpoint, asked AlpacaEval-style pairwise questions.
 
-@dataclass(frozen=True)
-class Verdict:
-    preference: float
-    """P(the model's output is better than the reference's), in [0, 1]; 0.5 is a draw."""
-    model_score: float | None = None
-    reference_score: float | None = None
-    source: str = ""
-    """How it was decided: identical, gold, reward_model, logprobs, answer, unparsed."""
-    model_shown_first: bool | None = None
-    """llm: whether the model's output was shown to the judge as `m` (first)."""
+    The API key is read from the environment variable *named* by `api_key_env` when the judge runs; it
+    is never part of the configuration, the logs, MLflow or the cache.
+    """
 
+    base_url: str = Field(description="Endpoint root, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1.")
+    model: str = Field(min_length=1, description="The judge model's name at that endpoint.")
+    api_key_env: str | None = Field(
+        default="OPENAI_API_KEY", description="Name of the environment variable that holds the API key; null: no key.",
+    )
+    logprobs: bool = Field(default=True, description="Ask for top log-probs and read the preference from them.")
+    top_logprobs: int = Field(default=5, ge=2, le=20)
+    max_tokens: int = Field(default=1, ge=1, description="Tokens the judge may answer with (one identifier).")
+    temperature: float = Field(default=0.0, ge=0)
+    timeout_s: float = Field(default=60.0, gt=0, description="Per request.")
+    max_retries: int = Field(default=5, ge=0, description="Retries of a request on a timeout, a connection error, 429 or 5xx.")
+    backoff_s: float = Field(default=1.0, ge=0, description="First retry delay; doubles each retry (capped at 60 s).")
+    concurrency: int = Field(default=8, ge=1, description="Requests in flight at once.")
+    seed: int = Field(default=0, description="Seeds the per-instruction order of the two outputs.")
+    cache_dir: str | None = Field(
+        default=None, description="Directory of the response cache (SQLite); default `<cache_dir>/judge`.",
+    )
 
-class Judge:
-    name = "judge"
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r}: expected an http:// or https:// URL")
+        return value.rstrip("/")
 
-    def judge(self, prompts: Sequence[Messages], outputs: Sequence[str], references: Sequence[str]) -> list[Verdict]:
-        """One verdict per instruction: `outputs[i]` (the model) against `references[i]`."""
-        raise NotImplementedError
-
-    def describe(self) -> dict[str, Any]:
-        """What identifies the judge, for MLflow params and model cards (never a secret)."""
-        return {"judge": self.name}
-
-    def close(self) -> None:
-        pass
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.replace("_", "a").isalnum():
+            # The value is not echoed: it might be the key itself, put here by mistake.
+            raise ValueError("not an environment variable name; give the variable's NAME (e.g. OPENAI_API_KEY), never the key")
+        return value
 
 
 def instruction_text(prompt: Messages) -> str:
@@ -74,105 +77,6 @@ def instruction_text(prompt: Messages) -> str:
         return prompt[0]["content"]
     return "\n\n".join(f"{message['role']}: {message['content']}" for message in prompt)
 
-
-class GoldJudge(Judge):
-    """The demo world's exact reward."""
-
-    name = "gold"
-
-    def scores(self, prompts: Sequence[Messages], responses: Sequence[str]) -> list[float]:
-        from post_train.world.reward import gold_reward
-
-        scores = []
-        for prompt, response in zip(prompts, responses):
-            instruction = next(m["content"] for m in reversed(prompt) if m["role"] == "user")
-            try:
-                scores.append(gold_reward(instruction, response))
-            except ValueError as error:
-                raise ConfigError(
-                    f"evaluation.judge gold scores demo-world prompts only ({error}); "
-                    "use evaluation.judge: reward_model or llm for other data"
-                ) from None
-        return scores
-
-    def judge(self, prompts, outputs, references):
-        model, reference = self.scores(prompts, outputs), self.scores(prompts, references)
-        return [
-            Verdict(0.5 if o == r else preference(m, s), m, s, "identical" if o == r else "gold")
-            for o, r, m, s in zip(outputs, references, model, reference)
-        ]
-
-
-class RewardModelJudge(Judge):
-    """A Bradley–Terry reward model: AutoModelForSequenceClassification with one label."""
-
-    name = "reward_model"
-
-    def __init__(self, settings: RewardModelJudgeConfig, device: str | None = None):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        self.settings = settings
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(settings.name_or_path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(settings.name_or_path, dtype=torch.float32)
-        except OSError as error:
-            raise ConfigError(f"evaluation.reward_model.name_or_path {settings.name_or_path!r}: {error}") from None
-        if self.model.config.num_labels != 1:
-            raise ConfigError(
-                f"evaluation.reward_model {settings.name_or_path!r} has {self.model.config.num_labels} labels; "
-                "a reward model has one (num_labels=1)"
-            )
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if self.tokenizer.chat_template is None:
-            self.tokenizer.chat_template = settings.chat_template
-        if self.tokenizer.chat_template is None:
-            raise ConfigError(
-                f"evaluation.reward_model {settings.name_or_path!r}: the tokenizer has no chat template; "
-                "set evaluation.reward_model.chat_template"
-            )
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device).eval()
-
-    def describe(self):
-        return {"judge": self.name, "reward_model": self.settings.name_or_path}
-
-    def scores(self, prompts: Sequence[Messages], responses: Sequence[str]) -> list[float]:
-        """r(x, y) for each prompt and response: the model's one logit on the rendered conversation."""
-        import torch
-
-        sequences = []
-        for prompt, response in zip(prompts, responses):
-            ids = self.tokenizer.apply_chat_template(
-                list(prompt) + [{"role": "assistant", "content": response}], tokenize=True, return_dict=True
-            )["input_ids"]
-            sequences.append(list(ids)[-self.settings.max_length :])  # keep the response, lose the prompt's start
-        scores: list[float] = []
-        with torch.no_grad():
-            for start in range(0, len(sequences), self.settings.batch_size):
-                chunk = sequences[start : start + self.settings.batch_size]
-                width = max(len(ids) for ids in chunk)
-                input_ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
-                attention_mask = torch.zeros_like(input_ids)
-                for row, ids in enumerate(chunk):
-                    input_ids[row, : len(ids)] = torch.tensor(ids)
-                    attention_mask[row, : len(ids)] = 1
-                logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)).logits
-                scores.extend(float(value) for value in logits[:, 0].float().cpu())
-        return scores
-
-    def judge(self, prompts, outputs, references):
-        model = self.scores(prompts, outputs)
-        reference = self.scores(prompts, references)
-        return [
-            Verdict(0.5 if o == r else soft_preference(m, s), m, s, "identical" if o == r else "reward_model")
-            for o, r, m, s in zip(outputs, references, model, reference)
-        ]
-
-
-# --------------------------------------------------------------------------------------------- llm judge
 
 PROMPT_VERSION = "alpaca_eval_2_pairwise_v1"
 """Part of every cache key: a change of the judge prompt below must not reuse old answers."""
@@ -228,7 +132,7 @@ def judge_messages(instruction: str, output_1: str, output_2: str) -> list[dict[
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
-def model_shown_first(seed: int, instruction: str) -> bool:
+def candidate_shown_first(seed: int, instruction: str) -> bool:
     """The per-instruction order: a seeded hash, so the same instruction gets the same order on every run."""
     return hashlib.sha256(f"{seed}\x00{instruction}".encode()).digest()[0] % 2 == 0
 
@@ -298,15 +202,16 @@ class LLMJudge(Judge):
     """AlpacaEval-style pairwise judge behind an OpenAI-compatible chat-completions endpoint."""
 
     name = "llm"
+    settings_model = LLMJudgeSettings
+    settings: LLMJudgeSettings
 
-    def __init__(self, settings: LLMJudgeConfig, cache_dir: str | Path, environ: Mapping[str, str] | None = None):
+    def __init__(self, settings: LLMJudgeSettings, cache_dir: str | Path):
         import httpx
 
-        environ = os.environ if environ is None else environ
-        self.settings = settings
+        super().__init__(settings, cache_dir)
         headers = {"Content-Type": "application/json"}
         if settings.api_key_env is not None:
-            key = environ.get(settings.api_key_env)
+            key = os.environ.get(settings.api_key_env)
             if not key:
                 raise ConfigError(
                     f"evaluation.llm.api_key_env names {settings.api_key_env}, which is not set in the environment; "
@@ -375,16 +280,16 @@ class LLMJudge(Judge):
         p_first, source, answer = first_preference(response)
         return {"p_first": p_first, "source": source, "answer": answer}
 
-    def judge(self, prompts, outputs, references):
-        verdicts: list[Verdict | None] = [None] * len(outputs)
+    def judge(self, prompts, candidates, baselines):
+        verdicts: list[Verdict | None] = [None] * len(candidates)
         pending: dict[str, list[tuple[int, bool, str, str, str]]] = {}
-        for index, (prompt, output, reference) in enumerate(zip(prompts, outputs, references)):
+        for index, (prompt, candidate, baseline) in enumerate(zip(prompts, candidates, baselines)):
             instruction = instruction_text(prompt)
-            first = model_shown_first(self.settings.seed, instruction)
-            if output == reference:
-                verdicts[index] = Verdict(0.5, source="identical", model_shown_first=first)
+            first = candidate_shown_first(self.settings.seed, instruction)
+            if candidate == baseline:
+                verdicts[index] = Verdict(0.5, source="identical", candidate_shown_first=first)
                 continue
-            output_1, output_2 = (output, reference) if first else (reference, output)
+            output_1, output_2 = (candidate, baseline) if first else (baseline, candidate)
             key = ResponseCache.key(self.settings.model, instruction, output_1, output_2)
             pending.setdefault(key, []).append((index, first, instruction, output_1, output_2))
         answers: dict[str, dict[str, Any]] = {}
@@ -407,19 +312,15 @@ class LLMJudge(Judge):
         for key, entries in pending.items():
             answer = answers[key]
             for index, first, *_ in entries:
-                p_model = answer["p_first"] if first else 1.0 - answer["p_first"]
-                verdicts[index] = Verdict(p_model, source=answer["source"], model_shown_first=first)
+                p_candidate = answer["p_first"] if first else 1.0 - answer["p_first"]
+                verdicts[index] = Verdict(p_candidate, source=answer["source"], candidate_shown_first=first)
         return [verdict for verdict in verdicts if verdict is not None]
+
+    def extra_metrics(self, examples, verdicts):
+        """Requests sent (retries included), answers taken from the cache, and answers that named neither output."""
+        return {"judge_requests": float(self.requests), "judge_cache_hits": float(self.cache_hits),
+                "judge_unparsed": float(sum(v.source == "unparsed" for v in verdicts))}
 
     def close(self) -> None:
         self._client.close()
         self.cache.close()
-
-
-def make_judge(evaluation: EvaluationConfig, cache_dir: str | Path) -> Judge:
-    """The judge `evaluation.judge` names, with its settings."""
-    if evaluation.judge == "gold":
-        return GoldJudge()
-    if evaluation.judge == "reward_model":
-        return RewardModelJudge(evaluation.reward_model)
-    return LLMJudge(evaluation.llm, cache_dir)
