@@ -37,8 +37,10 @@ demo: install
 serve: install
 	$(BIN)/python -m flows.serve
 
-# The whole suite, SkyPilot's own validation of sky/*.yaml included (hence sky-env).
+# The linter (rules in pyproject.toml), then the whole suite, SkyPilot's own validation of
+# sky/*.yaml included (hence sky-env).
 test: install sky-env
+	$(BIN)/ruff check .
 	SKYPILOT_DISABLE_USAGE_COLLECTION=1 $(BIN)/python -m pytest -q
 
 mlflow-ui: install

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from post_train.comparison import DEFAULT_OBJECTIVES
 from post_train.config import ConfigError, available_recipes, available_scales, load_config, parse_overrides
 from post_train.tracking import flatten, tracking_uri
 
@@ -15,9 +16,9 @@ def _percent(value: Any) -> str:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    from post_train.evaluation import splits_in  # imports torch: not for `post-train --help`
+
     evaluation = summary["evaluation"]
-    splits = sorted({key.split("/", 1)[1] for key in evaluation if key.startswith("win_rate/")})
-    splits = [s for s in splits if s != "all"] + (["all"] if "all" in splits else [])
     judge = summary.get("judge", "gold")
     lines = [
         "",
@@ -32,13 +33,16 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"   margin {summary['dpo']['rewards/margins_final']:.3f}",
         f"  win rate vs reference ({judge} judge, %): raw ± s.e. [95% bootstrap CI], discrete, length-controlled",
     ]
-    for split in splits:
-        get = lambda key: evaluation.get(f"{key}/{split}")  # noqa: E731
+    for split in splits_in(evaluation):
+        def get(key: str, split: str = split) -> Any:
+            return evaluation.get(f"{key}/{split}")
+
         line = (
             f"    {split:<16} {_percent(get('win_rate'))} ± {100 * (get('win_rate_se') or 0):.1f}"
             f" [{_percent(get('win_rate_ci_low')).strip()}, {_percent(get('win_rate_ci_high')).strip()}]"
             f"  discrete {_percent(get('win_rate_discrete')).strip()}  LC {_percent(get('lc_win_rate')).strip()}"
-            f"  (n={int(get('num_prompts') or 0)}, length {get('avg_length') or 0:.0f} vs {get('reference_avg_length') or 0:.0f}"
+            f"  (n={int(get('num_prompts') or 0)},"
+            f" length {get('avg_length') or 0:.0f} vs {get('reference_avg_length') or 0:.0f}"
         )
         if get("gold_reward") is not None:
             line += f", gold reward {get('gold_reward'):.3f} vs {get('reference_gold_reward'):.3f}"
@@ -48,7 +52,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("entropy", [("base", "entropy/base"), ("sft", "entropy/sft"), ("dpo", "entropy/dpo")], "{:.3f}"),
         ("implicit-reward acc.", [("dpo vs sft", "implicit_reward_accuracy/dpo_vs_sft/all"),
                                       ("sft vs base", "implicit_reward_accuracy/sft_vs_base/all")], "{:.2f}"),
-        ("Q-value Spearman", [("dpo vs sft", "q_value_spearman/dpo_vs_sft"), ("sft vs base", "q_value_spearman/sft_vs_base")], "{:.3f}"),
+        ("Q-value Spearman", [("dpo vs sft", "q_value_spearman/dpo_vs_sft"),
+                              ("sft vs base", "q_value_spearman/sft_vs_base")], "{:.3f}"),
     ]
     for label, keys, fmt in diagnostics:
         found = [f"{name} {fmt.format(evaluation[key])}" for name, key in keys if key in evaluation]
@@ -58,7 +63,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     aliases = ", ".join(registration.get("aliases") or (["champion"] if summary["champion"] else []))
     lines.append(f"  registered model     {summary['model_uri']}" + (f"  (aliases: {aliases})" if aliases else ""))
     if registration.get("reason"):
-        lines.append(f"  promotion            {'promoted' if registration.get('promoted') else 'not promoted'}: {registration['reason']}")
+        decision = "promoted" if registration.get("promoted") else "not promoted"
+        lines.append(f"  promotion            {decision}: {registration['reason']}")
     lines += [
         f"  MLflow run           {summary['mlflow_run_uri']}",
         f"  run directory        {summary['run_dir']}",
@@ -86,10 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     compare_parser = commands.add_parser(
         "compare", help="compare SFT objectives x SFT learning rates x seeds by post-DPO win rate"
     )
-    compare_parser.add_argument("--recipe", default="baseline", help="base recipe, for everything the grid does not set")
+    compare_parser.add_argument(
+        "--recipe", default="baseline", help="base recipe, for everything the grid does not set"
+    )
     compare_parser.add_argument("--scale", default="demo", help=f"one of {available_scales()} or a .yaml path")
     compare_parser.add_argument(
-        "--objectives", nargs="+", default=["nll", "dft", "fdiv:pearson_chi2"], metavar="OBJECTIVE",
+        "--objectives", nargs="+", default=list(DEFAULT_OBJECTIVES), metavar="OBJECTIVE",
         help="SFT objectives (sft.objective names)",
     )
     compare_parser.add_argument(
@@ -110,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             overrides = flatten(parse_overrides(args.override))
-            plan_grid(args.recipe, args.scale, args.objectives, args.learning_rates, args.seeds, overrides, args.parallelism)
+            plan_grid(
+                args.recipe, args.scale, args.objectives, args.learning_rates, args.seeds, overrides, args.parallelism
+            )
         except ConfigError as error:  # refuse a bad grid before Prefect starts
             print(f"post-train: {error}", file=sys.stderr)
             return 2
@@ -122,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print("\n" + result["markdown"])
         if result["aggregated_markdown"]:
-            print("mean over seeds (95% CI: Student t over the per-seed win rates):\n\n" + result["aggregated_markdown"])
+            print("mean over seeds (95% CI: Student t over the per-seed win rates):\n")
+            print(result["aggregated_markdown"])
         print(f"results: {result['output_dir']}")
         print(f"MLflow run: {result['mlflow_run_uri']}   (mlflow ui --backend-store-uri {tracking_uri()} --port 5000)")
         return 0

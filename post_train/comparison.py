@@ -20,17 +20,17 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
+from post_train.config import ConfigError, PipelineConfig, load_config, validate_config
+from post_train.evaluation import splits_in
+from post_train.results import ALL
 
-from post_train.config import ConfigError, PipelineConfig, load_config, validate_config  # noqa: E402
-
-ALL = "all"
 Z95 = 1.959964  # two-sided 95% normal quantile
 DEFAULT_OBJECTIVES = ("nll", "dft", "fdiv:pearson_chi2")
 LOWLR_FACTOR = 4  # arXiv 2507.00018's "lowlr": the baseline SFT learning rate divided by 4
@@ -194,12 +194,6 @@ def t_interval(values: Sequence[float]) -> SeedSummary:
 # --------------------------------------------------------------------------- tables
 
 
-def splits_of(metrics: dict[str, Any]) -> list[str]:
-    """Evaluation splits named in `win_rate/<split>` keys: `all` first, then the others sorted."""
-    splits = {key.split("/", 1)[1] for key in metrics if key.startswith("win_rate/")}
-    return ([ALL] if ALL in splits else []) + sorted(splits - {ALL})
-
-
 def result_row(
     cell: Cell,
     evaluation: dict[str, float],
@@ -209,7 +203,7 @@ def result_row(
 ) -> dict[str, Any]:
     """One table row from a cell's evaluate, SFT and DPO metrics (as the stages return them)."""
     row: dict[str, Any] = {"objective": cell.objective, "sft_learning_rate": cell.learning_rate, "seed": cell.seed}
-    for split in splits_of(evaluation):
+    for split in splits_in(evaluation):
         rate = float(evaluation[f"win_rate/{split}"])
         se = float(evaluation.get(f"win_rate_se/{split}", NAN))
         low, high = wald_interval(rate, se)
@@ -224,13 +218,6 @@ def result_row(
     if run_id is not None:
         row["mlflow_run_id"] = run_id
     return row
-
-
-def _row_splits(rows: Iterable[dict[str, Any]]) -> list[str]:
-    keys: dict[str, None] = {}
-    for row in rows:
-        keys.update(dict.fromkeys(row))
-    return splits_of(keys)
 
 
 def _groups(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
@@ -248,7 +235,7 @@ def _mean(values: Sequence[float]) -> float:
 def aggregate_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (objective, SFT learning rate): means over seeds, and for each split's win rate
     the sd over seeds, the standard error of the mean and a 95% Student-t interval (`t_interval`)."""
-    splits = _row_splits(rows)
+    splits = splits_in(key for row in rows for key in row)
     aggregated = []
     for (objective, rate), group in _groups(rows).items():
         row: dict[str, Any] = {
@@ -303,7 +290,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """
     if not rows:
         return ""
-    splits = _row_splits(rows)
+    splits = splits_in(key for row in rows for key in row)
     aggregated = "n_seeds" in rows[0]
     header = ["objective", "SFT lr", "seeds" if aggregated else "seed"]
     header += [f"win rate {split} % [95% CI]" for split in splits]
@@ -311,10 +298,13 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     header += ["KL to base (SFT)", "entropy (SFT)", "DPO reward acc."]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
     for row in rows:
-        cells = [f"`{row['objective']}`", f"{row['sft_learning_rate']:g}", str(row["seeds"] if aggregated else row["seed"])]
+        seeds = row["seeds"] if aggregated else row["seed"]
+        cells = [f"`{row['objective']}`", f"{row['sft_learning_rate']:g}", str(seeds)]
         cells += [_percent_with_ci(row, split) for split in splits]
         cells += [_number(row[f"gold_reward/{split}"], 3) for split in splits]
-        cells += [_number(row["sft_kl_to_base"], 4), _number(row["sft_entropy"], 3), _number(row["dpo_reward_accuracy"], 2)]
+        cells += [
+            _number(row["sft_kl_to_base"], 4), _number(row["sft_entropy"], 3), _number(row["dpo_reward_accuracy"], 2),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

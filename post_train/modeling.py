@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -30,27 +30,65 @@ def load_tokenizer(name_or_path: str, chat_template: str | None = None) -> PreTr
     return tokenizer
 
 
-def load_model(name_or_path: str, trainable: bool = True) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
-    model.requires_grad_(trainable)
-    if not trainable:
-        model.eval()
-    return model
+def load_model(name_or_path: str) -> PreTrainedModel:
+    """A causal LM to train, in float32 (mixed precision, where used, casts on the fly)."""
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+
+
+def inference_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_frozen(
+    name_or_path: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    model_class: type = AutoModelForCausalLM,
+) -> PreTrainedModel:
+    """A model that is only run, never trained (evaluation, judges, SFT's base, DPO's reference):
+    no gradients, in eval mode, on `device` (default `inference_device()`) in `dtype`.
+
+    The default dtype is bfloat16 on a GPU, which halves the memory of a model that needs no
+    gradient precision, and float32 on the CPU, where bfloat16 matmuls are slow.
+    """
+    device = torch.device(device) if device is not None else inference_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = model_class.from_pretrained(name_or_path, dtype=dtype)
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def pad_token_rows(
+    rows: Sequence[Sequence[int]], pad_token_id: int, left: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `attention_mask` [B, T]: token id rows padded with `pad_token_id` to the longest.
+
+    Right padding for training and scoring; left padding (`left=True`) for generation, so that
+    every row's new tokens start at the same position.
+    """
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for index, row in enumerate(rows):
+        columns = slice(width - len(row), width) if left else slice(0, len(row))
+        input_ids[index, columns] = torch.tensor(row, dtype=torch.long)
+        attention_mask[index, columns] = 1
+    return input_ids, attention_mask
+
+
+def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """The batch with its tensors on `device`; other values (e.g. `num_units`) as they are."""
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def pad_collate(pad_token_id: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
     """Right-pads `input_ids` and `loss_mask`; `num_units` counts the predicted tokens that count."""
 
     def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-        width = max(len(example["input_ids"]) for example in examples)
-        input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-        loss_mask = torch.zeros((len(examples), width), dtype=torch.bool)
+        input_ids, attention_mask = pad_token_rows([example["input_ids"] for example in examples], pad_token_id)
+        width = input_ids.shape[1]
+        loss_mask = torch.zeros_like(input_ids, dtype=torch.bool)
         for row, example in enumerate(examples):
-            length = len(example["input_ids"])
-            input_ids[row, :length] = torch.tensor(example["input_ids"])
-            attention_mask[row, :length] = 1
-            loss_mask[row, :length] = torch.tensor(example["loss_mask"], dtype=torch.bool)
+            loss_mask[row, : len(example["loss_mask"])] = torch.tensor(example["loss_mask"], dtype=torch.bool)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
         batch["num_units"] = int(loss_mask[:, 1:].sum())
         for key in examples[0].keys() - {"input_ids", "loss_mask"}:
@@ -75,8 +113,11 @@ def target_logprobs(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torc
 
 
 @torch.no_grad()
-def entropy_and_kl(model: torch.nn.Module, reference: torch.nn.Module | None, batch: dict[str, Any]) -> dict[str, float]:
-    """Mean token entropy of `model` and exact token KL(model || reference) over the counted positions."""
+def entropy_and_kl_of_batch(
+    model: torch.nn.Module, reference: torch.nn.Module | None, batch: dict[str, Any],
+) -> dict[str, float]:
+    """`entropy`: mean token entropy of `model`, and `kl`: exact token KL(model || reference) (when a
+    reference is given), over the counted positions (`loss_mask`) of a padded batch (`pad_collate`)."""
     model.eval()
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     logits = model(**inputs).logits[:, :-1]
@@ -86,5 +127,5 @@ def entropy_and_kl(model: torch.nn.Module, reference: torch.nn.Module | None, ba
     count = mask.sum().clamp(min=1)
     metrics = {"entropy": float((entropy * mask).sum() / count)}
     if kl is not None:
-        metrics["kl_to_base"] = float((kl * mask).sum() / count)
+        metrics["kl"] = float((kl * mask).sum() / count)
     return metrics

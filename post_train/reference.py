@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from post_train.modeling import target_logprobs
+from post_train.modeling import target_logprobs, to_device
 
 WEIGHT_FILES = ("*.json", "*.safetensors", "*.bin")
 
@@ -58,7 +58,7 @@ def _compute(
     starts = range(0, len(examples), batch_size)[rank::processes]
     for start in tqdm(starts, desc="reference log-probs", disable=rank != 0):
         chunk = examples[start : start + batch_size]
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(chunk).items()}
+        batch = to_device(collate(chunk), device)
         logps, _ = target_logprobs(model, batch)
         rows[start] = [row[: len(example["input_ids"]) - 1].tolist() for row, example in zip(logps.float().cpu(), chunk)]
     return rows

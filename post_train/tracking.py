@@ -8,6 +8,7 @@ MLflow: `stage_run` opens no run elsewhere, and stages guard their own logging c
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,9 +17,12 @@ from typing import Any, Iterator
 import matplotlib
 
 matplotlib.use("Agg")  # no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
+import matplotlib.pyplot as plt
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 EXPERIMENT = "post-train"
 
@@ -55,6 +59,22 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def log_params_and_metrics(
+    client: MlflowClient, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+) -> None:
+    """Params (values cut to MLflow's limit, 6000 characters) and metrics (step 0, timestamped now) on a run.
+
+    One call, however many: `MlflowClient.log_batch` itself splits them into requests within
+    MLflow's per-request limits (100 params, 1000 metrics).
+    """
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(key, float(value), now, 0) for key, value in (metrics or {}).items()],
+        params=[Param(key, str(value)[:MAX_PARAM_VAL_LENGTH]) for key, value in (params or {}).items()],
+    )
+
+
 def is_main_process() -> bool:
     """Rank 0 of a distributed run (`RANK`, set by `accelerate launch` and torchrun), or the only process."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -65,7 +85,9 @@ NO_RUN = SimpleNamespace(info=SimpleNamespace(run_id=""))
 
 
 @contextmanager
-def stage_run(stage: str, parent_run_id: str | None, params: dict[str, Any] | None = None) -> Iterator[mlflow.ActiveRun]:
+def stage_run(
+    stage: str, parent_run_id: str | None, params: dict[str, Any] | None = None,
+) -> Iterator[mlflow.ActiveRun]:
     """A child run of the flow's run for one stage, on rank 0 only; marked FAILED if the stage raises."""
     if not is_main_process():
         yield NO_RUN
@@ -107,3 +129,11 @@ def record_cache_hit(stage: str, parent_run_id: str | None, key: str, metrics: d
     with stage_run(stage, parent_run_id):
         mlflow.set_tags({"cache_hit": "true", "cache_key": key})
         mlflow.log_metrics(metrics)
+
+
+def current_champion(client: MlflowClient, name: str, alias: str):
+    """The model version `name@alias`, or None when there is none yet."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None

@@ -61,10 +61,10 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
-def frozen_dtype(accelerator: Accelerator) -> torch.dtype | None:
+def frozen_dtype(accelerator: Accelerator) -> torch.dtype:
     """Frozen models (SFT's base, DPO's reference) in bf16 when training in bf16: an 8B model then
-    takes 16 GB per GPU instead of 32 (they are not sharded). None keeps full precision."""
-    return torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+    takes 16 GB per GPU instead of 32 (they are not sharded). Otherwise full precision."""
+    return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
 
 
 def accumulation_steps(config: TrainConfig, num_processes: int) -> int:

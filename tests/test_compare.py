@@ -15,6 +15,7 @@ from flows.compare import compare, compare_deployment
 from post_train import comparison
 from post_train.comparison import Cell
 from post_train.config import ConfigError
+from post_train.evaluation import splits_in
 from tests.conftest import smoke_overrides
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -81,7 +82,7 @@ def test_result_row_has_win_rates_with_ci_gold_rewards_and_stage_diagnostics():
     assert row["gold_reward/held_out"] == 0.7 and row["win_rate/in_distribution"] == 0.75
     assert (row["sft_kl_to_base"], row["sft_entropy"], row["dpo_reward_accuracy"]) == (0.125, 0.5, 0.75)
     assert row["mlflow_run_id"] == "abc"
-    assert comparison.splits_of(row) == ["all", "held_out", "in_distribution"]
+    assert splits_in(row) == ["held_out", "in_distribution", "all"]
     assert not any(key.startswith(("num_prompts", "reference_gold")) for key in row)
 
 
@@ -122,9 +123,14 @@ def test_markdown_and_csv_tables(tmp_path: Path):
     ]
     table = comparison.markdown_table(rows)
     lines = table.strip().splitlines()
-    assert len(lines) == 4 and lines[0].startswith("| objective | SFT lr | seed | win rate all % [95% CI]")
-    assert "| `nll` | 0.002 | 0 | 50.0 [45.1, 54.9] |" in lines[2]
-    assert "| `fdiv:pearson_chi2` | 0.0005 | 0 | 100.0 |" in lines[3]  # no se, no interval
+    assert len(lines) == 4 and lines[0].startswith(  # `all` last, as in every table (`splits_in`)
+        "| objective | SFT lr | seed | win rate held_out % [95% CI] | win rate in_distribution % [95% CI]"
+        " | win rate all % [95% CI] |"
+    )
+    assert lines[2].startswith(
+        "| `nll` | 0.002 | 0 | 25.0 [5.4, 44.6] | 75.0 [65.2, 84.8] | 50.0 [45.1, 54.9] | 0.700 |"
+    )
+    assert "| 100.0 | 0.700 |" in lines[3]  # `all`: no se, no interval
     assert all(line.count("|") == lines[0].count("|") for line in lines)
 
     path = comparison.write_csv(rows, tmp_path / "results.csv")
@@ -135,7 +141,7 @@ def test_markdown_and_csv_tables(tmp_path: Path):
 
     aggregated = comparison.markdown_table(comparison.aggregate_rows(seed_rows()))
     assert aggregated.splitlines()[0].startswith("| objective | SFT lr | seeds |")
-    assert "| `nll` | 0.002 | 0 1 2 | 52.0 [47.0, 57.0] |" in aggregated
+    assert "| `nll` | 0.002 | 0 1 2 | 25.0 [25.0, 25.0] | 75.0 [75.0, 75.0] | 52.0 [47.0, 57.0] |" in aggregated
     assert comparison.markdown_table([]) == ""
 
 
@@ -146,6 +152,18 @@ def test_plots_are_pngs(tmp_path: Path, several_seeds: bool):
     assert set(plots) == {"win_rate.png", "kl_to_base.png", "entropy.png"}
     for path in plots.values():
         assert path.parent == tmp_path and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_run_takes_more_params_and_metrics_than_one_mlflow_request_holds(mlflow_store):
+    from post_train.tracking import experiment_id, log_params_and_metrics
+
+    client = MlflowClient(mlflow_store)
+    run_id = client.create_run(experiment_id()).info.run_id
+    params = {f"param{i}": "x" * 7000 for i in range(150)}  # a request holds 100 params of 6000 characters
+    log_params_and_metrics(client, run_id, params=params, metrics={f"metric{i}": i / 2 for i in range(1500)})
+    logged = client.get_run(run_id).data
+    assert len(logged.params) == 150 and {len(value) for value in logged.params.values()} == {6000}
+    assert len(logged.metrics) == 1500 and logged.metrics["metric1499"] == 749.5
 
 
 # --------------------------------------------------------------------------- the grid

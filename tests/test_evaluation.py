@@ -24,11 +24,32 @@ def test_win_rate_and_standard_error_follow_alpacaeval():
         win_rate([])
 
 
-def test_generation_is_batched_reproducible_and_stops_at_eos(smoke_stages):
-    from post_train.modeling import load_model, load_tokenizer
+def test_token_rows_pad_right_for_scoring_and_left_for_generation():
+    from post_train.modeling import pad_token_rows
+
+    right_ids, right_mask = pad_token_rows([[5, 6, 7], [8]], pad_token_id=0)
+    assert right_ids.tolist() == [[5, 6, 7], [8, 0, 0]] and right_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    left_ids, left_mask = pad_token_rows([[5, 6, 7], [8]], pad_token_id=0, left=True)
+    assert left_ids.tolist() == [[5, 6, 7], [0, 0, 8]] and left_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_frozen_models_have_no_gradients_and_sit_in_eval_mode(smoke_stages):
+    import torch
+
+    from post_train.modeling import load_frozen, load_model
 
     _, _, base = smoke_stages
-    tokenizer, model = load_tokenizer(base.path), load_model(base.path, trainable=False)
+    frozen = load_frozen(base.path, dtype=torch.bfloat16)
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    assert {p.dtype for p in frozen.parameters()} == {torch.bfloat16}
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in load_model(base.path).parameters())
+
+
+def test_generation_is_batched_reproducible_and_stops_at_eos(smoke_stages):
+    from post_train.modeling import load_frozen, load_tokenizer
+
+    _, _, base = smoke_stages
+    tokenizer, model = load_tokenizer(base.path), load_frozen(base.path)
     prompts = [[{"role": "user", "content": f"Copy: {'a b c d'[: 2 * n + 1]}"}] for n in range(5)]
     sampled = GenerationSettings(max_new_tokens=12, temperature=1.0, top_p=0.9, batch_size=2, seed=3)
     first = generate_responses(model, tokenizer, prompts, sampled)
@@ -82,7 +103,7 @@ def _tuned_copy(base_path: str, directory: Path, prompts, responses, steps: int 
     from post_train.evaluation import completion_batch
     from post_train.modeling import load_model, load_tokenizer, target_logprobs
 
-    tokenizer, model = load_tokenizer(base_path), load_model(base_path, trainable=True)
+    tokenizer, model = load_tokenizer(base_path), load_model(base_path)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batch = completion_batch(tokenizer, prompts, responses, 96)
     torch.manual_seed(0)
@@ -104,13 +125,13 @@ def tuned_model(smoke_stages, tmp_path_factory):
     """The smoke base model tuned on the *correct* answers of the evaluation prompts: a model that
     beats the references and its base. Made once per session (tests/test_registry.py uses it too)."""
     from post_train.data import load_dataset_checked
-    from post_train.modeling import load_model, load_tokenizer
+    from post_train.modeling import load_frozen, load_tokenizer
     from post_train.world.families import parse_task
 
     _, data, base = smoke_stages
     directory = tmp_path_factory.getbasetemp() / "tuned-on-answers"
     if (directory / "model.safetensors").is_file():
-        return str(directory), load_model(str(directory), trainable=False), load_tokenizer(str(directory))
+        return str(directory), load_frozen(str(directory)), load_tokenizer(str(directory))
     examples = load_dataset_checked(data.eval, "eval")
     answers = [parse_task(e.prompt[-1]["content"]).answer for e in examples]
     scratch = tmp_path_factory.mktemp("tuning")
@@ -121,11 +142,11 @@ def tuned_model(smoke_stages, tmp_path_factory):
 
 def test_implicit_reward_and_q_value_checks_tell_a_better_policy_from_its_base(smoke_stages, tuned_model):
     from post_train.data import load_dataset_checked
-    from post_train.modeling import load_model
+    from post_train.modeling import load_frozen
 
     _, data, base = smoke_stages
     _, model, tokenizer = tuned_model
-    reference = load_model(base.path, trainable=False)
+    reference = load_frozen(base.path)
     pairs = held_out_pairs(load_dataset_checked(data.eval, "eval"), seed=0)
     found = implicit_reward_diagnostics(model, reference, tokenizer, pairs, max_length=96)
     assert found["accuracy/all"] >= 0.8 and found["margin/all"] > 0
