@@ -1,7 +1,7 @@
 """The `compare` flow: SFT objectives × SFT learning rates × seeds, compared by post-DPO win rate.
 
 Composition only: the grid, the tables, the statistics and the plots are in
-`post_train/comparison.py`; the stages are the tasks from `tasks/`. The flow validates every
+`post_train/comparison.py`; the stages are the tasks of `flows/stages.py`. The flow validates every
 cell's configuration before any work, runs the shared stages once (prepare, base model),
 then SFT → DPO → evaluate for each cell, `parallelism` cells at a time (the heavy stages run
 as child processes, so threads are enough), and writes the results table and plots to a local
@@ -20,32 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import stages
 from post_train import comparison
 from post_train.comparison import Cell
 from post_train.config import PipelineConfig
-from post_train.tracking import experiment_id, flatten, tracking_uri
-from tasks.dpo import dpo_task
-from tasks.evaluate import evaluate_task
-from tasks.prepare import PreparedData, prepare_task
-from tasks.pretrain import pretrain_task
-from tasks.sft import sft_task
-
-
-def _log_batches(client: MlflowClient, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None) -> None:
-    """Params and metrics in batches of 100 (MLflow's limit per call)."""
-    now = int(time.time() * 1000)
-    items = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
-    for start in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[start : start + 100])
-    values = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
-    for start in range(0, len(values), 100):
-        client.log_batch(run_id, metrics=values[start : start + 100])
+from post_train.results import PreparedData
+from post_train.stages import RunContext
+from post_train.tracking import experiment_id, flatten, log_params_and_metrics, tracking_uri
 
 
 @task(name="compare-cell", task_run_name="cell {cell.slug}")
@@ -59,17 +45,20 @@ def compare_cell(
         experiment_id(), run_name=cell.slug,
         tags={MLFLOW_PARENT_RUN_ID: parent_run_id, "compare_cell": cell.name, "objective": cell.objective},
     ).info.run_id
-    _log_batches(client, run_id, params={"sft.objective": cell.objective, "sft.learning_rate": cell.learning_rate, "seed": cell.seed})
+    log_params_and_metrics(client, run_id, params={
+        "sft.objective": cell.objective, "sft.learning_rate": cell.learning_rate, "seed": cell.seed,
+    })
     try:
-        sft = sft_task(config, base_model_path, data, run_dir, run_id, force)
-        dpo = dpo_task(config, sft.path, data, run_dir, run_id, force)
-        evaluation = evaluate_task(config, dpo.path, data, run_dir, run_id, force,
-                                   reference_model_path=sft.path, base_model_path=base_model_path)
+        context = RunContext(run_dir, run_id, force)
+        sft = stages.sft(config, context, base_model_path=base_model_path, data=data)
+        dpo = stages.dpo(config, context, sft_model_path=sft.path, data=data)
+        evaluation = stages.evaluate(config, context, model_path=dpo.path, data=data,
+                                     reference_model_path=sft.path, base_model_path=base_model_path)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
     row = comparison.result_row(cell, evaluation.metrics, sft.metrics, dpo.metrics, run_id)
-    _log_batches(client, run_id, metrics={
+    log_params_and_metrics(client, run_id, metrics={
         key: value for key, value in row.items() if isinstance(value, float) and key != "sft_learning_rate"
     })
     client.set_terminated(run_id, status="FINISHED")
@@ -118,11 +107,11 @@ def compare(
     ).info.run_id
     shared = {k: v for k, v in flatten(base.model_dump(mode="json")).items() if not k.startswith(comparison.GRID_KEYS)}
     grid_params = {f"grid.{k}": " ".join(map(str, spec[k])) for k in ("objectives", "learning_rates", "seeds")}
-    _log_batches(client, parent_id, params={**shared, **grid_params, "grid.parallelism": parallelism})
+    log_params_and_metrics(client, parent_id, params={**shared, **grid_params, "grid.parallelism": parallelism})
     try:
-        data = prepare_task(base)
+        data = stages.prepare(base, RunContext(str(out), parent_id, force))
         client.set_tag(parent_id, "data_hash", data.data_hash)
-        base_model = pretrain_task(base, data, str(out), parent_id, force)
+        base_model = stages.base_model(base, RunContext(str(out), parent_id, force), data=data)
         rows, failures = [], []
         with ThreadPoolTaskRunner(max_workers=parallelism) as runner:
             futures = [

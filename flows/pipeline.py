@@ -1,6 +1,6 @@
-"""The `post-train` flow: prepare → base model → SFT → DPO → evaluate → register.
+"""The `post-train` flow: prepare → base model → SFT → DPO → evaluate → (head-to-head) → register.
 
-Composition only: each stage is a task from `tasks/`. The flow validates the whole
+Composition only: each stage is a task of `flows/stages.py`. The flow validates the whole
 configuration before any work, opens the parent MLflow run the stages' runs hang under,
 and returns (and prints) a summary.
 """
@@ -12,20 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from post_train.cloud import preflight
+from flows import stages
 from post_train.config import load_config
-from post_train.tracking import experiment_id, flatten, tracking_uri
-from tasks.dpo import dpo_task
-from tasks.evaluate import evaluate_task
-from tasks.prepare import prepare_task
-from tasks.pretrain import pretrain_task
-from tasks.register import register_task
-from tasks.sft import sft_task
+from post_train.stages import RunContext, preflight
+from post_train.tracking import experiment_id, flatten, log_params_and_metrics, tracking_uri
 
 
 def _run_directory(runs_dir: str, recipe: str, run_name: str) -> Path:
@@ -44,8 +38,7 @@ def post_train(
     reruns every stage even when its cached result matches.
     """
     config = load_config(recipe, scale, overrides)
-    if config.compute.backend == "skypilot":
-        preflight(config)  # cloud setup problems surface before any data work
+    preflight(config)  # e.g. cloud setup problems surface before any data work
     run_name = flow_run.get_name() or "local"
     run_dir = _run_directory(config.runs_dir, config.recipe, run_name)
     (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
@@ -56,28 +49,28 @@ def post_train(
         tags={"recipe": config.recipe, "scale": config.scale, "prefect_flow_run_id": str(flow_run.get_id())},
     )
     parent_id = parent.info.run_id
-    client.log_batch(parent_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(config.model_dump(mode="json")).items()])
+    log_params_and_metrics(client, parent_id, params=flatten(config.model_dump(mode="json")))
     client.log_artifact(parent_id, str(run_dir / "config.json"))
     try:
-        data = prepare_task(config)
+        context = RunContext(str(run_dir), parent_id, force)
+        data = stages.prepare(config, context)
         client.set_tag(parent_id, "data_hash", data.data_hash)
-        base = pretrain_task(config, data, str(run_dir), parent_id, force)
-        sft = sft_task(config, base.path, data, str(run_dir), parent_id, force)
-        dpo = dpo_task(config, sft.path, data, str(run_dir), parent_id, force)
-        evaluation = evaluate_task(
-            config, dpo.path, data, str(run_dir), parent_id, force, reference_model_path=sft.path, base_model_path=base.path,
-        )
-        registration = register_task(
-            config, dpo.path, evaluation.win_rate, data.data_hash, str(flow_run.get_id()), parent_id,
-            data=data, metrics=evaluation.metrics, run_dir=str(run_dir), force=force,
+        base = stages.base_model(config, context, data=data)
+        sft = stages.sft(config, context, base_model_path=base.path, data=data)
+        dpo = stages.dpo(config, context, sft_model_path=sft.path, data=data)
+        evaluation = stages.evaluate(config, context, model_path=dpo.path, data=data,
+                                     reference_model_path=sft.path, base_model_path=base.path)
+        champion = stages.fetch_champion(config, context)
+        comparison = (stages.head_to_head(config, context, candidate_path=dpo.path, baseline_path=champion.path, data=data)
+                      if champion is not None else None)
+        registration = stages.register(
+            config, context, model_path=dpo.path, win_rate=evaluation.win_rate, data_hash=data.data_hash,
+            flow_run_id=str(flow_run.get_id()), metrics=evaluation.metrics, champion=champion, comparison=comparison,
         )
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
         raise
-    now = int(time.time() * 1000)
-    metrics = [mlflow.entities.Metric(name, float(value), now, 0) for name, value in evaluation.metrics.items()]
-    for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
-        client.log_batch(parent_id, metrics=metrics[start : start + 1000])
+    log_params_and_metrics(client, parent_id, metrics=evaluation.metrics)
     client.set_terminated(parent_id, status="FINISHED")
 
     summary = {

@@ -16,11 +16,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows import stages
 from flows.pipeline import post_train
 from post_train.config import load_config
-from post_train.tracking import experiment_id, tracking_uri
-from tasks.prepare import prepare_task
-from tasks.register import current_champion
+from post_train.stages import RunContext
+from post_train.tracking import current_champion, experiment_id, tracking_uri
 
 SKIP_TAG = "retrain_skipped"
 ARTIFACT_KEY = "retrain-decision"
@@ -37,7 +37,7 @@ def retrain(
     """
     logger = get_run_logger()
     config = load_config(recipe, scale, overrides)  # bad input fails here, before any work
-    data = prepare_task(config)
+    data = stages.prepare(config, RunContext(config.runs_dir))  # prepare writes nothing there
     name, alias = config.registry.model_name, config.registry.champion_alias
     client = MlflowClient(tracking_uri())
     champion = current_champion(client, name, alias)

@@ -8,23 +8,29 @@ an unknown objective is refused with the path of the field before any work start
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from losses import PREFERENCE_LOSSES, SFT_OBJECTIVES, preference_loss, sft_objective
+from post_train.errors import ConfigError
+from post_train.executors import EXECUTORS
+from post_train.judges import JUDGES, judge_class
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
 SCALES_DIR = RECIPES_DIR / "scales"
-
-
-class ConfigError(ValueError):
-    """A recipe, scale or override that cannot become a valid configuration."""
 
 
 class StrictModel(BaseModel):
@@ -172,65 +178,13 @@ class DPOConfig(TrainConfig):
         return self
 
 
-class RewardModelJudgeConfig(StrictModel):
-    """`evaluation.judge: reward_model`: a local or Hub sequence-classification model with one output (a reward)."""
+class EvaluationSettings(StrictModel):
+    """`evaluation` but the judges' sections, which `EvaluationConfig` adds: one per entry of `JUDGES`."""
 
-    name_or_path: str = Field(min_length=1, description="AutoModelForSequenceClassification (num_labels=1): a directory or Hub name.")
-    batch_size: int = Field(default=16, ge=1)
-    max_length: int = Field(default=1024, ge=8, description="Tokens of prompt + response; longer ones lose their start.")
-    chat_template: str | None = Field(
-        default=None, description="Jinja chat template for a reward model whose tokenizer has none.",
-    )
-
-
-class LLMJudgeConfig(StrictModel):
-    """`evaluation.judge: llm`: an OpenAI-compatible chat-completions endpoint, asked AlpacaEval-style pairwise questions.
-
-    The API key is read from the environment variable *named* by `api_key_env` when the judge runs; it
-    is never part of the configuration, the logs, MLflow or the cache.
-    """
-
-    base_url: str = Field(description="Endpoint root, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1.")
-    model: str = Field(min_length=1, description="The judge model's name at that endpoint.")
-    api_key_env: str | None = Field(
-        default="OPENAI_API_KEY", description="Name of the environment variable that holds the API key; null: no key.",
-    )
-    logprobs: bool = Field(default=True, description="Ask for top log-probs and read the preference from them.")
-    top_logprobs: int = Field(default=5, ge=2, le=20)
-    max_tokens: int = Field(default=1, ge=1, description="Tokens the judge may answer with (one identifier).")
-    temperature: float = Field(default=0.0, ge=0)
-    timeout_s: float = Field(default=60.0, gt=0, description="Per request.")
-    max_retries: int = Field(default=5, ge=0, description="Retries of a request on a timeout, a connection error, 429 or 5xx.")
-    backoff_s: float = Field(default=1.0, ge=0, description="First retry delay; doubles each retry (capped at 60 s).")
-    concurrency: int = Field(default=8, ge=1, description="Requests in flight at once.")
-    seed: int = Field(default=0, description="Seeds the per-instruction order of the two outputs.")
-    cache_dir: str | None = Field(
-        default=None, description="Directory of the response cache (SQLite); default `<cache_dir>/judge`.",
-    )
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError(f"{value!r}: expected an http:// or https:// URL")
-        return value.rstrip("/")
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, value: str | None) -> str | None:
-        if value is not None and not value.replace("_", "a").isalnum():
-            # The value is not echoed: it might be the key itself, put here by mistake.
-            raise ValueError("not an environment variable name; give the variable's NAME (e.g. OPENAI_API_KEY), never the key")
-        return value
-
-
-class EvaluationConfig(StrictModel):
-    judge: Literal["gold", "reward_model", "llm"] = Field(
+    judge: str = Field(
         default="gold",
-        description="gold: the demo world's exact reward; reward_model: `evaluation.reward_model`; llm: `evaluation.llm`.",
+        description="A name in post_train.judges.JUDGES; the judge's settings are the section `evaluation.<judge>`.",
     )
-    reward_model: RewardModelJudgeConfig | None = None
-    llm: LLMJudgeConfig | None = None
     backend: Literal["transformers", "vllm"] = Field(
         default="transformers", description="Generation: transformers (batched, KV cache) or vLLM (installed separately, GPU).",
     )
@@ -245,19 +199,41 @@ class EvaluationConfig(StrictModel):
         default=True, description="Implicit-reward accuracy, Q-value rank correlation, KL to base and entropy (evaluate stage).",
     )
     diagnostics_max_examples: int = Field(default=200, ge=1, description="Evaluation prompts the diagnostics use at most.")
+    diagnostics_max_length: int | None = Field(
+        default=None, ge=2, description="Tokens of prompt and response the diagnostics score; default: the longer of sft/dpo max_length.",
+    )
+    diagnostics_batch_size: int | None = Field(
+        default=None, ge=1, description="Sequences per diagnostics forward pass; default: sft.diagnostics_batch_size.",
+    )
+
+    @field_validator("judge")
+    @classmethod
+    def _known_judge(cls, value: str) -> str:
+        if value not in JUDGES:
+            raise ValueError(f"unknown judge {value!r}; known: {', '.join(sorted(JUDGES))}")
+        return value
 
     @model_validator(mode="after")
-    def _judge_settings_given(self) -> "EvaluationConfig":
-        if self.judge == "reward_model" and self.reward_model is None:
-            raise ValueError("judge reward_model needs evaluation.reward_model.name_or_path")
-        if self.judge == "llm" and self.llm is None:
-            raise ValueError("judge llm needs evaluation.llm (at least base_url and model)")
+    def _judge_settings_given(self) -> "EvaluationSettings":
+        """A judge with required settings needs its section; one whose settings all have defaults does not."""
+        if getattr(self, self.judge) is None:
+            required = [name for name, field in judge_class(self.judge).settings_model.model_fields.items() if field.is_required()]
+            if required:
+                raise ValueError(f"judge {self.judge} needs evaluation.{self.judge} (at least {', '.join(required)})")
         return self
 
-    def judge_settings(self) -> dict[str, Any]:
-        """The chosen judge and its own settings only (what its verdicts depend on)."""
-        settings = getattr(self, self.judge, None) if self.judge != "gold" else None
-        return {"judge": self.judge, **({self.judge: settings.model_dump(mode="json")} if settings is not None else {})}
+    def judge_settings(self) -> BaseModel:
+        """The chosen judge's settings: its section, or its defaults when the recipe has none."""
+        return getattr(self, self.judge) or judge_class(self.judge).settings_model()
+
+
+EvaluationConfig = create_model(
+    "EvaluationConfig",
+    __base__=EvaluationSettings,
+    __module__=__name__,
+    __doc__="`evaluation`: generation, statistics, diagnostics, the judge, and each judge's section `evaluation.<name>`.",
+    **{name: (judge_class(name).settings_model | None, None) for name in JUDGES},
+)
 
 
 class RegistryConfig(StrictModel):
@@ -278,7 +254,6 @@ class RegistryConfig(StrictModel):
 
 
 ACCELERATE_CONFIGS_DIR = REPO_ROOT / "configs" / "accelerate"
-SKY_DIR = REPO_ROOT / "sky"
 BUCKET_SCHEMES = ("s3://", "gs://", "r2://", "https://", "cos://", "oci://", "nebius://")
 
 
@@ -290,6 +265,47 @@ def _inside(path: str, root: str) -> bool:
     return Path(path).is_absolute() and Path(path).resolve().is_relative_to(Path(root).resolve())
 
 
+STAGES = ("pretrain", "sft", "dpo", "evaluate", "head-to-head")
+"""The stages that run as commands somewhere (`compute.stages.<stage>` places one of them)."""
+
+
+def _known_backend(value: str) -> str:
+    if value not in EXECUTORS:
+        raise ValueError(f"{value!r} is not a backend; expected one of {', '.join(EXECUTORS)}")
+    return value
+
+
+def _accelerate_config_exists(value: str | None) -> str | None:
+    if value is None or value in available_accelerate_configs() or Path(value).is_file():
+        return value
+    raise ValueError(f"{value!r} is neither a config in configs/accelerate/ ({', '.join(available_accelerate_configs())}) nor a file")
+
+
+def _accelerators_format(value: str) -> str:
+    name, _, count = value.partition(":")
+    if not name or (count and not count.isdigit()) or (count and int(count) < 1):
+        raise ValueError(f"{value!r}: expected SkyPilot's NAME or NAME:COUNT, e.g. H100:8")
+    return value
+
+
+Backend = Annotated[str, AfterValidator(_known_backend)]
+AccelerateConfig = Annotated[str | None, AfterValidator(_accelerate_config_exists)]
+Accelerators = Annotated[str, AfterValidator(_accelerators_format)]
+
+
+class StagePlacement(StrictModel):
+    """`compute.stages.<stage>`: where one stage runs, over the global `compute` settings (unset = global)."""
+
+    backend: Backend | None = None
+    num_processes: int | None = Field(default=None, ge=1)
+    accelerate_config: AccelerateConfig = None
+    accelerators: Accelerators | None = None
+    num_nodes: int | None = Field(default=None, ge=1)
+    infra: str | None = None
+    use_spot: bool | None = None
+    disk_size: int | None = Field(default=None, ge=50)
+
+
 class ComputeConfig(StrictModel):
     """Where and on how many processes the training, SFT, DPO and evaluation stages run.
 
@@ -297,12 +313,13 @@ class ComputeConfig(StrictModel):
     `skypilot`: the same command as a SkyPilot managed job (`sky/stage.yaml`) on `num_nodes` machines
     with `accelerators` each, one process per GPU; run and cache directories live on `bucket`, mounted
     at `remote_root` on the cloud machines and, at the same path, on the machine that launches.
+    `stages` places single stages elsewhere (e.g. `stages: {evaluate: {backend: local}}`).
     None of these settings changes what a stage computes, so none is part of a stage's cache key.
     """
 
-    backend: Literal["local", "skypilot"] = "local"
+    backend: Backend = Field(default="local", description="Where stages run: a name in post_train.executors.EXECUTORS.")
     num_processes: int = Field(default=1, ge=1, description="local: processes per training stage; more than 1 uses `accelerate launch`.")
-    accelerate_config: str | None = Field(
+    accelerate_config: AccelerateConfig = Field(
         default=None,
         description="`accelerate launch --config_file`: a name in configs/accelerate/ (single_gpu, multi_gpu_fsdp, "
         "deepspeed_zero3) or a path to a YAML file; None uses accelerate's defaults.",
@@ -314,7 +331,7 @@ class ComputeConfig(StrictModel):
     )
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in the backward pass (less memory).")
     # skypilot
-    accelerators: str = Field(default="H100:8", description="skypilot: GPUs per node, SkyPilot's `NAME:COUNT`.")
+    accelerators: Accelerators = Field(default="H100:8", description="skypilot: GPUs per node, SkyPilot's `NAME:COUNT`.")
     num_nodes: int = Field(default=1, ge=1, description="skypilot: nodes of a training stage (evaluation uses one GPU).")
     infra: str | None = Field(default=None, description="skypilot: `--infra`, e.g. aws, gcp/us-central1, k8s/my-context.")
     use_spot: bool = Field(default=False, description="skypilot: spot instances; the managed job recovers from preemptions.")
@@ -323,23 +340,9 @@ class ComputeConfig(StrictModel):
     remote_root: str = Field(default="/post-train", description="skypilot: where the bucket is mounted, remotely and locally.")
     sky_bin: str = Field(default=".sky-venv/bin/sky", description="skypilot: the `sky` CLI (`make sky-env` installs it); relative to the repository.")
     task_yaml: str = Field(default="sky/stage.yaml", description="skypilot: the task every stage runs as; relative to the repository.")
-
-    @field_validator("accelerate_config")
-    @classmethod
-    def _accelerate_config_exists(cls, value: str | None) -> str | None:
-        if value is None or value in available_accelerate_configs() or Path(value).is_file():
-            return value
-        raise ValueError(
-            f"{value!r} is neither a config in configs/accelerate/ ({', '.join(available_accelerate_configs())}) nor a file"
-        )
-
-    @field_validator("accelerators")
-    @classmethod
-    def _accelerators_format(cls, value: str) -> str:
-        name, _, count = value.partition(":")
-        if not name or (count and not count.isdigit()) or (count and int(count) < 1):
-            raise ValueError(f"{value!r}: expected SkyPilot's NAME or NAME:COUNT, e.g. H100:8")
-        return value
+    stages: dict[Literal[STAGES], StagePlacement] = Field(
+        default_factory=dict, description="Per-stage placement over the settings above, e.g. {evaluate: {backend: local}}.",
+    )
 
     @field_validator("bucket")
     @classmethod
@@ -354,6 +357,13 @@ class ComputeConfig(StrictModel):
         if not value.startswith("/") or value.rstrip("/") == "":
             raise ValueError(f"{value!r}: must be an absolute path other than /")
         return value.rstrip("/")
+
+    def for_stage(self, stage: str) -> "ComputeConfig":
+        """The settings `stage` runs with: `stages[stage]`'s over the global ones."""
+        placement = self.stages.get(stage)
+        if placement is None:
+            return self
+        return self.model_copy(update=placement.model_dump(exclude_unset=True, exclude_none=True))
 
     @property
     def gpus_per_node(self) -> int:
@@ -404,36 +414,42 @@ class PipelineConfig(StrictModel):
         return value
 
     @model_validator(mode="after")
+    def _evaluation_self_contained(self) -> "PipelineConfig":
+        """Resolve the diagnostics' defaults here, so the evaluate stage reads (and is keyed by) its own section only."""
+        defaults = {"diagnostics_max_length": max(self.sft.max_length, self.dpo.max_length),
+                    "diagnostics_batch_size": self.sft.diagnostics_batch_size}
+        unset = {name: value for name, value in defaults.items() if getattr(self.evaluation, name) is None}
+        if unset:  # the model is frozen once built; this is still its construction
+            object.__setattr__(self, "evaluation", self.evaluation.model_copy(update=unset))
+        return self
+
+    @model_validator(mode="after")
     def _compute_fits(self) -> "PipelineConfig":
         """Batches that split over the processes, and run/cache directories the cloud machines can see."""
         compute = self.compute
         problems = []
-        if compute.backend == "skypilot":
+        if any(compute.for_stage(stage).backend == "skypilot" for stage in STAGES):
             for name in ("runs_dir", "cache_dir"):
                 if not _inside(getattr(self, name), compute.remote_root):
                     problems.append(
                         f"with compute.backend skypilot, {name} ({getattr(self, name)}) must be an absolute path inside "
                         f"compute.remote_root ({compute.remote_root}), where the bucket is mounted on every machine"
                     )
-        processes = compute.training_processes
-        for name, train in (("sft", self.sft), ("dpo", self.dpo), ("base_model.train", self.base_model.train)):
-            if name == "base_model.train" and self.model.name_or_path is not None:
+        for stage, name, train in (("sft", "sft", self.sft), ("dpo", "dpo", self.dpo),
+                                   ("pretrain", "base_model.train", self.base_model.train)):
+            if stage == "pretrain" and self.model.name_or_path is not None:
                 continue  # no pretraining stage
+            placed = compute.for_stage(stage)
+            processes = placed.training_processes
             if train.batch_size % (train.micro_batch_size * processes):
                 problems.append(
                     f"{name}.batch_size ({train.batch_size}) must be a multiple of {name}.micro_batch_size x processes "
-                    f"({train.micro_batch_size} x {processes}" + (f" = {compute.accelerators} per node x {compute.num_nodes})"
-                                                                  if compute.backend == "skypilot" else ")")
+                    f"({train.micro_batch_size} x {processes}" + (f" = {placed.accelerators} per node x {placed.num_nodes})"
+                                                                  if placed.backend == "skypilot" else ")")
                 )
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-    def fingerprint(self, *sections: str) -> str:
-        """A short content hash of the named sections (all when none), for cache keys."""
-        dumped = self.model_dump(mode="json")
-        chosen = {name: dumped[name] for name in sections} if sections else dumped
-        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

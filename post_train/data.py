@@ -206,6 +206,15 @@ def prompt_and_completion_ids(
     return prompt_ids, full_ids[len(prompt_ids) : max_length]
 
 
+def completion_example(tokenizer, prompt: list[dict], completion: list[dict], max_length: int) -> dict[str, Any]:
+    """Input ids with a loss mask over the completion tokens only."""
+    prompt_ids, completion_ids = prompt_and_completion_ids(tokenizer, prompt, completion, max_length)
+    return {
+        "input_ids": prompt_ids + completion_ids,
+        "loss_mask": [False] * len(prompt_ids) + [True] * len(completion_ids),
+    }
+
+
 def tokenize_examples(examples: list, encode, max_length: int, source: str) -> list:
     """`encode(example)` for every example, leaving out those whose prompt alone fills `max_length`."""
     encoded = []

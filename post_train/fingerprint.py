@@ -19,15 +19,15 @@ def content_key(**parts: Any) -> str:
 PROJECT_PACKAGES = ("post_train", "losses", "tasks", "flows")
 
 
-def _module_file(name: str) -> Path | None:
-    base = REPO_ROOT.joinpath(*name.split("."))
+def _module_file(name: str, root: Path) -> Path | None:
+    base = root.joinpath(*name.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
             return candidate
     return None
 
 
-def _project_imports(file: Path, package: str) -> set[str]:
+def project_imports(file: Path, package: str) -> set[str]:
     """Project modules that `file` imports (absolute or relative), package parents included."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(file.read_text())):
@@ -46,28 +46,28 @@ def _project_imports(file: Path, package: str) -> set[str]:
     return found
 
 
-def project_modules(module: str) -> dict[str, Path]:
-    """`module` and every project module it imports, transitively, with their source files."""
+def project_modules(module: str, root: Path = REPO_ROOT) -> dict[str, Path]:
+    """`module` and every project module it imports, transitively, with their source files (under `root`)."""
     seen: dict[str, Path] = {}
     pending = [module]
     while pending:
         name = pending.pop()
-        file = None if name in seen else _module_file(name)
+        file = None if name in seen else _module_file(name, root)
         if file is None:
             continue
         seen[name] = file
         package = name if file.name == "__init__.py" else name.rpartition(".")[0]
-        pending.extend(_project_imports(file, package) - seen.keys())
+        pending.extend(project_imports(file, package) - seen.keys())
     return seen
 
 
-def module_fingerprint(module: str) -> str:
+def module_fingerprint(module: str, root: Path = REPO_ROOT) -> str:
     """sha256 of the source of `module` and of every project module it imports.
 
     Code a stage never imports (the CLI, the server launcher) does not change its cache key.
     """
     digest = hashlib.sha256()
-    for name, file in sorted(project_modules(module).items()):
+    for name, file in sorted(project_modules(module, root).items()):
         digest.update(name.encode())
         digest.update(file.read_bytes())
     return digest.hexdigest()

@@ -12,18 +12,16 @@ from typing import Any
 
 import mlflow
 import torch
-from prefect import task
 
-from losses import preference_loss, preference_metrics
+from losses import PairLogps, preference_loss, preference_metrics
 from post_train.config import PipelineConfig
-from post_train.data import PreferenceExample, load_dataset_checked, tokenize_examples
-from post_train.modeling import load_model, load_tokenizer, pad_collate, target_logprobs
-from post_train.launch import run_stage, should_retry, stage_main
-from post_train.reference import model_fingerprint, reference_logps
+from post_train.data import PreferenceExample, completion_example, load_dataset_checked, tokenize_examples
+from post_train.modeling import load_frozen, load_model, load_tokenizer, pad_collate, target_logprobs
+from post_train.reference import reference_logps
+from post_train.results import PreparedData, TrainedModel
+from post_train.stage_io import stage_main
 from post_train.tracking import is_main_process, log_curves, stage_run
 from post_train.training import StepOutput, frozen_dtype, make_accelerator, save_checkpoint, train
-from tasks.prepare import PreparedData
-from tasks.sft import TrainedModel, completion_example
 
 DPO_CURVES = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "learning_rate"]
 
@@ -88,7 +86,7 @@ def run(
     if loss.needs_ref:
         sequences = [pair["chosen"] for pair in pairs] + [pair["rejected"] for pair in pairs]
         rows, reference_cache_hit = reference_logps(
-            lambda: load_model(sft_model_path, trainable=False).to(dtype=frozen_dtype(accelerator)), sft_model_path,
+            lambda: load_frozen(sft_model_path, accelerator.device, frozen_dtype(accelerator)), sft_model_path,
             sequences, pad_collate(tokenizer.pad_token_id), 2 * settings.micro_batch_size, Path(config.cache_dir),
             accelerator.device, accelerator,
         )
@@ -97,10 +95,10 @@ def run(
 
     def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
         chosen, rejected, chosen_lengths, rejected_lengths = sequence_logps(model, batch)
-        out = loss(
+        out = loss(PairLogps(
             chosen, rejected, batch.get("ref_chosen"), batch.get("ref_rejected"),
             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-        )
+        ))
         pairs_in_batch = chosen.shape[0]
         sums = {name: value * pairs_in_batch for name, value in preference_metrics(out).items()}
         sums["logps/chosen"] = float(chosen.detach().sum())
@@ -136,19 +134,6 @@ def run(
         if main:
             mlflow.log_metrics(metrics)
         return TrainedModel(path=str(path), metrics=metrics, run_id=run.info.run_id)
-
-
-@task(name="dpo", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=should_retry)
-def dpo_task(
-    config: PipelineConfig, sft_model_path: str, data: PreparedData, run_dir: str,
-    parent_run_id: str | None = None, force: bool = False,
-) -> TrainedModel:
-    return run_stage(
-        "dpo", run, {"config": config, "sft_model_path": sft_model_path, "data": data, "parent_run_id": parent_run_id},
-        {"dpo": config.dpo.model_dump(mode="json"), "mixed_precision": config.mixed_precision,
-         "sft_model": model_fingerprint(sft_model_path), "data_hash": data.data_hash},
-        config, run_dir, parent_run_id, force, distributed=True,
-    )
 
 
 if __name__ == "__main__":

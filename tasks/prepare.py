@@ -6,29 +6,17 @@ import hashlib
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from prefect import task
 
 from post_train.config import PipelineConfig
 from post_train.data import DataError, load_dataset_checked
-from post_train.launch import should_retry, stage_main
+from post_train.results import PreparedData
+from post_train.stage_io import stage_main
 
 WORLD_FILES = {"sft": "sft.jsonl", "preferences": "preferences.jsonl", "eval": "eval.jsonl"}
 PRETRAIN_FILE = "pretrain.jsonl"
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    sft: str
-    preferences: str
-    eval: str
-    data_hash: str
-    """DVC's md5 of the world's output directory when all data comes from the world, else a sha256 of the sources."""
-    pretrain_corpus: str | None
-    sizes: dict[str, int]
 
 
 def world_stage(world: str) -> str:
@@ -83,9 +71,6 @@ def run(config: PipelineConfig) -> PreparedData:
     all_from_world = world_hash is not None and not any(getattr(config.data, kind) for kind in WORLD_FILES)
     data_hash = world_hash if all_from_world else _sources_hash(sources)
     return PreparedData(**sources, data_hash=data_hash, pretrain_corpus=pretrain_corpus, sizes=sizes)
-
-
-prepare_task = task(run, name="prepare", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=should_retry)
 
 
 if __name__ == "__main__":

@@ -1,36 +1,23 @@
-"""Stage 2, base model: a user's model as given, or the demo world's tiny Llama pretrained here.
-
-The pretrained base is cached like every stage (`post_train.launch.run_stage`): a second run
-reuses it unless the base-model config, the data or the code changes.
-"""
+"""Stage 2, base model: the demo world's tiny Llama and its tokenizer, pretrained on the world's corpus."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import torch
-from prefect import task
 from transformers import LlamaForCausalLM
 
 from losses import sft_objective
 from post_train.config import PipelineConfig
-from post_train.launch import run_stage, should_retry, stage_main
 from post_train.modeling import pad_collate, target_logprobs
+from post_train.results import PreparedData, TrainedModel
+from post_train.stage_io import stage_main
 from post_train.tracking import is_main_process, log_curves, stage_run
 from post_train.training import StepOutput, make_accelerator, save_checkpoint, train
 from post_train.world.generate import iter_world_texts
 from post_train.world.model import tiny_llama_config, train_tokenizer
-from tasks.prepare import PreparedData
-
-
-@dataclass(frozen=True)
-class BaseModel:
-    path: str
-    metrics: dict[str, float]
-    cache_hit: bool = False
 
 
 def _pretrain(config: PipelineConfig, corpus: Path, directory: Path, checkpoint_dir: str | None = None) -> dict[str, float]:
@@ -81,29 +68,15 @@ def _pretrain(config: PipelineConfig, corpus: Path, directory: Path, checkpoint_
 def run(
     config: PipelineConfig, data: PreparedData, output_dir: str, parent_run_id: str | None = None,
     checkpoint_dir: str | None = None,
-) -> BaseModel:
+) -> TrainedModel:
     """Pretrain the demo base model (tokenizer and tiny Llama) into `output_dir`/model (rank 0 logs to MLflow)."""
     if data.pretrain_corpus is None:
         raise ValueError("the demo base model needs a demo world (data.world) to pretrain on, or set model.name_or_path")
-    with stage_run("pretrain", parent_run_id, {"base_model": config.base_model.model_dump(mode="json")}):
+    with stage_run("pretrain", parent_run_id, {"base_model": config.base_model.model_dump(mode="json")}) as run:
         metrics = _pretrain(config, Path(data.pretrain_corpus), Path(output_dir) / "model", checkpoint_dir)
         if is_main_process():
             mlflow.log_metrics(metrics)
-    return BaseModel(path=str(Path(output_dir) / "model"), metrics=metrics)
-
-
-@task(name="pretrain-base-model", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=should_retry)
-def pretrain_task(
-    config: PipelineConfig, data: PreparedData, run_dir: str, parent_run_id: str | None = None, force: bool = False
-) -> BaseModel:
-    """The user's model as given, or the demo base model, pretrained once per config, data and code."""
-    if config.model.name_or_path is not None:
-        return BaseModel(path=config.model.name_or_path, metrics={})
-    return run_stage(
-        "pretrain", run, {"config": config, "data": data, "parent_run_id": parent_run_id},
-        {"base_model": config.base_model.model_dump(mode="json"), "data_hash": data.data_hash},
-        config, run_dir, parent_run_id, force, distributed=True,
-    )
+    return TrainedModel(path=str(Path(output_dir) / "model"), metrics=metrics, run_id=run.info.run_id)
 
 
 if __name__ == "__main__":

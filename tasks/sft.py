@@ -9,42 +9,31 @@ the drift arXiv 2507.00018 says plain SFT leaves unchecked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import torch
-from prefect import task
 
 from losses import sft_objective
 from post_train.config import PipelineConfig
-from post_train.data import EvalExample, SFTExample, load_dataset_checked, prompt_and_completion_ids, tokenize_examples
-from post_train.modeling import entropy_and_kl, load_model, load_tokenizer, pad_collate, target_logprobs
-from post_train.launch import run_stage, should_retry, stage_main
-from post_train.reference import model_fingerprint, reference_logps
+from post_train.data import EvalExample, SFTExample, completion_example, load_dataset_checked, tokenize_examples
+from post_train.modeling import (
+    entropy_and_kl_of_batch,
+    load_frozen,
+    load_model,
+    load_tokenizer,
+    pad_collate,
+    target_logprobs,
+    to_device,
+)
+from post_train.reference import reference_logps
+from post_train.results import PreparedData, TrainedModel
+from post_train.stage_io import stage_main
 from post_train.tracking import is_main_process, log_curves, stage_run
 from post_train.training import StepOutput, frozen_dtype, make_accelerator, save_checkpoint, train
-from tasks.prepare import PreparedData
 
 SFT_CURVES = ["loss", "mean_token_weight", "kl_to_base", "entropy", "learning_rate", "grad_norm"]
-
-
-@dataclass(frozen=True)
-class TrainedModel:
-    path: str
-    metrics: dict[str, float]
-    run_id: str
-    cache_hit: bool = False
-
-
-def completion_example(tokenizer, prompt: list[dict], completion: list[dict], max_length: int) -> dict[str, Any]:
-    """Input ids with a loss mask over the completion tokens only."""
-    prompt_ids, completion_ids = prompt_and_completion_ids(tokenizer, prompt, completion, max_length)
-    return {
-        "input_ids": prompt_ids + completion_ids,
-        "loss_mask": [False] * len(prompt_ids) + [True] * len(completion_ids),
-    }
 
 
 def sft_examples(tokenizer, examples: list[SFTExample], max_length: int, source: str = "sft data") -> list[dict[str, Any]]:
@@ -61,8 +50,7 @@ def held_out_batch(tokenizer, examples: list[EvalExample], size: int, max_length
         max_length,
         "evaluation data",
     )
-    batch = pad_collate(tokenizer.pad_token_id)(rows)
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    return to_device(pad_collate(tokenizer.pad_token_id)(rows), device)
 
 
 def run(
@@ -79,7 +67,7 @@ def run(
     dataset = sft_examples(tokenizer, load_dataset_checked(data.sft, "sft"), settings.max_length, data.sft)
     collate = pad_collate(tokenizer.pad_token_id)
     accelerator = make_accelerator(config.mixed_precision)
-    base = load_model(base_model_path, trainable=False).to(device=accelerator.device, dtype=frozen_dtype(accelerator))
+    base = load_frozen(base_model_path, accelerator.device, frozen_dtype(accelerator))
     reference_cache_hit = None
     if objective.needs_ref:
         ref_rows, reference_cache_hit = reference_logps(
@@ -97,6 +85,10 @@ def run(
         logps, mask = target_logprobs(model, batch)
         out = objective(logps, mask, ref_logps=batch.get("ref_logps"), old_logps=batch.get("old_logps"))
         return StepOutput(out.loss * mask.sum(), {"mean_token_weight": float(out.weights.sum())})
+
+    def drift_from_base(trained: torch.nn.Module) -> dict[str, float]:
+        measured = entropy_and_kl_of_batch(trained, base, diagnostics_batch)
+        return {"kl_to_base": measured["kl"], "entropy": measured["entropy"]}
 
     @torch.no_grad()
     def snapshot_old_policy(model: torch.nn.Module, rollout: list[list[dict[str, Any]]]) -> None:
@@ -116,7 +108,7 @@ def run(
             settings,
             accelerator,
             on_log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
-            diagnostics=lambda trained: entropy_and_kl(trained, base, diagnostics_batch),
+            diagnostics=drift_from_base,
             diagnostics_every=settings.diagnostics_every,
             before_rollout=snapshot_old_policy if objective.needs_old else None,
             rollout_steps=settings.rollout_steps if objective.needs_old else 1,
@@ -137,20 +129,6 @@ def run(
         if main:
             mlflow.log_metrics(metrics)
         return TrainedModel(path=str(path), metrics=metrics, run_id=run.info.run_id)
-
-
-@task(name="sft", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=should_retry)
-def sft_task(
-    config: PipelineConfig, base_model_path: str, data: PreparedData, run_dir: str,
-    parent_run_id: str | None = None, force: bool = False,
-) -> TrainedModel:
-    return run_stage(
-        "sft", run, {"config": config, "base_model_path": base_model_path, "data": data, "parent_run_id": parent_run_id},
-        {"sft": config.sft.model_dump(mode="json"), "mixed_precision": config.mixed_precision,
-         "base_model": model_fingerprint(base_model_path), "chat_template": config.model.chat_template,
-         "data_hash": data.data_hash},
-        config, run_dir, parent_run_id, force, distributed=True,
-    )
 
 
 if __name__ == "__main__":

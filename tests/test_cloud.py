@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from post_train import cloud
 from post_train.config import DEFAULT_CHAT_TEMPLATE, REPO_ROOT, ConfigError, load_config
 from post_train.data import DataError
-from post_train.launch import StageFailed, launch
+from post_train.executors import skypilot
+from post_train.stage_io import StageFailed, read_result
+from post_train.stages import RunContext, Stage, run_stage
 
 SKY_PYTHON = REPO_ROOT / ".sky-venv" / "bin" / "python"
 REMOTE_URI = "https://mlflow.example.com"
@@ -96,9 +97,9 @@ def test_every_sky_yaml_validates_and_every_sky_command_parses_with_skypilot(tmp
     assert yamls, "sky/ holds no task YAML"
     config = sky_config(tmp_path, num_nodes=2, infra="gcp/us-central1", use_spot=True, accelerate_config="deepspeed_zero3")
     environ = {"MLFLOW_TRACKING_URI": REMOTE_URI, "HF_TOKEN": "hf_x"}
-    commands = [cloud.submit_command(config, "tasks.dpo", "/b/in.json", "/b/out.json", "post-train-dpo-1", True, environ),
-                cloud.logs_command(config, "post-train-dpo-1"), cloud.queue_command(config),
-                cloud.cancel_command(config, "post-train-dpo-1")]
+    commands = [skypilot.submit_command(config, "tasks.dpo", "/b/in.json", "/b/out.json", "post-train-dpo-1", True, environ),
+                skypilot.logs_command(config, "post-train-dpo-1"), skypilot.queue_command(config),
+                skypilot.cancel_command(config, "post-train-dpo-1")]
     payload = {"yamls": [*yamls, str(broken)], "commands": [command[1:] for command in commands], "environ": environ}
     env = {**os.environ, "SKYPILOT_DISABLE_USAGE_COLLECTION": "1", "SKYPILOT_DISABLE_LOCAL_API_SERVER": "1"}
     completed = subprocess.run([str(SKY_PYTHON), "-c", VALIDATE], input=json.dumps(payload), env=env,
@@ -114,7 +115,7 @@ def test_every_sky_yaml_validates_and_every_sky_command_parses_with_skypilot(tmp
     assert stage["job_recovery"]["strategy"] == "EAGER_NEXT_REGION"
     assert stage["mounts"] == {"/post-train": ["s3://post-train-example", "StorageMode.MOUNT"]}
     assert stage["moved_mounts"] == {"/mnt/other": "gs://other"}  # the launcher's --env values move the mount
-    assert "python -m post_train.cloud node" in stage["run"] and "requirements.lock" in stage["setup"]
+    assert "python -m post_train.executors.skypilot node" in stage["run"] and "requirements.lock" in stage["setup"]
 
     launch_, logs, queue, cancel = result["commands"]
     assert launch_["command"] == "launch" and launch_["params"]["entrypoint"] == [str(REPO_ROOT / "sky" / "stage.yaml")]
@@ -131,7 +132,7 @@ def test_every_sky_yaml_validates_and_every_sky_command_parses_with_skypilot(tmp
 
 def test_the_task_declares_every_variable_the_launcher_sets(tmp_path: Path):
     declared = yaml.safe_load((REPO_ROOT / "sky" / "stage.yaml").read_text())["envs"]
-    command = cloud.submit_command(sky_config(tmp_path), "tasks.sft", "in.json", "out.json", "job", True,
+    command = skypilot.submit_command(sky_config(tmp_path), "tasks.sft", "in.json", "out.json", "job", True,
                                    {"MLFLOW_TRACKING_URI": REMOTE_URI})
     assert set(envs(command)) <= set(declared)
 
@@ -147,8 +148,8 @@ def test_the_launch_command_for_each_stage_and_node_count(tmp_path: Path, stage,
     config = sky_config(tmp_path, num_nodes=nodes, accelerate_config="multi_gpu_fsdp", use_spot=True, infra="aws")
     inputs, outputs = tmp_path / "bucket" / "runs" / stage / "inputs.json", tmp_path / "bucket" / "runs" / stage / "outputs.json"
     environ = {"MLFLOW_TRACKING_URI": REMOTE_URI, "HF_TOKEN": "hf_secret", "PATH": "/usr/bin"}
-    name = cloud.job_name(stage)
-    command = cloud.submit_command(config, module, inputs, outputs, name, distributed, environ)
+    name = skypilot.job_name(stage)
+    command = skypilot.submit_command(config, module, inputs, outputs, name, distributed, environ)
 
     assert name.startswith(f"post-train-{stage}-") and name == name.lower()
     assert command[:4] == [str(tmp_path / "sky"), "jobs", "launch", str(REPO_ROOT / "sky" / "stage.yaml")]
@@ -166,7 +167,7 @@ def test_the_launch_command_for_each_stage_and_node_count(tmp_path: Path, stage,
     }
     assert option(command, "--secret") == "HF_TOKEN" and "hf_secret" not in " ".join(command)
     assert REMOTE_URI not in " ".join(command)
-    sky_env = cloud.sky_environment(environ)
+    sky_env = skypilot.sky_environment(environ)
     assert sky_env["SKYPILOT_DISABLE_USAGE_COLLECTION"] == "1" and sky_env["MLFLOW_TRACKING_URI"] == REMOTE_URI
 
 
@@ -179,7 +180,7 @@ def test_each_node_runs_accelerate_launch_wired_to_skypilot(nodes, gpus, rank, d
         "SKYPILOT_NODE_IPS": "\n".join(ips) + "\n", "SKYPILOT_NODE_RANK": str(rank),
         "SKYPILOT_NUM_NODES": str(nodes), "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus),
     }
-    command = cloud.node_command(environ)
+    command = skypilot.node_command(environ)
     stage = ["-m", "tasks.sft", "--inputs", "/post-train/in.json", "--outputs", "/post-train/out.json"]
     assert command[-6:] == stage
     if not distributed or nodes * gpus == 1:
@@ -201,25 +202,25 @@ def test_each_node_runs_accelerate_launch_wired_to_skypilot(nodes, gpus, rank, d
 @pytest.mark.parametrize("uri", ["", "sqlite:///mlflow.db", "file:///tmp/mlruns", "mlruns"])
 def test_a_local_tracking_store_is_refused(uri):
     with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI"):
-        cloud.remote_tracking_uri({"MLFLOW_TRACKING_URI": uri} if uri else {})
-    assert cloud.remote_tracking_uri({"MLFLOW_TRACKING_URI": "http://10.0.0.9:5000"}) == "http://10.0.0.9:5000"
+        skypilot.remote_tracking_uri({"MLFLOW_TRACKING_URI": uri} if uri else {})
+    assert skypilot.remote_tracking_uri({"MLFLOW_TRACKING_URI": "http://10.0.0.9:5000"}) == "http://10.0.0.9:5000"
 
 
 def test_preflight_names_what_is_missing(tmp_path: Path):
     environ = {"MLFLOW_TRACKING_URI": REMOTE_URI}
     config = sky_config(tmp_path)
-    cloud.preflight(config, {"base_model_path": "meta-llama/Meta-Llama-3-8B"}, environ)
+    skypilot.preflight(config, {"base_model_path": "meta-llama/Meta-Llama-3-8B"}, environ)
     with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI"):
-        cloud.preflight(config, {}, {"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"})
+        skypilot.preflight(config, {}, {"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"})
     with pytest.raises(ConfigError, match="cannot be seen from the cloud machines"):
-        cloud.preflight(config, {"base_model_path": str(tmp_path)}, environ)
+        skypilot.preflight(config, {"base_model_path": str(tmp_path)}, environ)
     with pytest.raises(ConfigError, match="make sky-env"):
-        cloud.preflight(sky_config(tmp_path, sky_bin=str(tmp_path / "absent")), {}, environ)
+        skypilot.preflight(sky_config(tmp_path, sky_bin=str(tmp_path / "absent")), {}, environ)
     with pytest.raises(ConfigError, match="compute.bucket"):
-        cloud.preflight(sky_config(tmp_path, bucket=None), {}, environ)
+        skypilot.preflight(sky_config(tmp_path, bucket=None), {}, environ)
     (tmp_path / "bucket").rmdir()
     with pytest.raises(ConfigError, match="mount s3://my-bucket there"):
-        cloud.preflight(config, {}, environ)
+        skypilot.preflight(config, {}, environ)
     with pytest.raises(ConfigError, match="runs_dir .* must be an absolute path inside compute.remote_root"):
         load_config("lowlr", "smoke", {"compute.backend": "skypilot", "compute.accelerators": "H100:1"})
 
@@ -252,8 +253,8 @@ class FakeSky:
 
 def run_job(tmp_path: Path, fake: FakeSky, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", REMOTE_URI)
-    return cloud.run_managed_job(sky_config(tmp_path), "tasks.sft", tmp_path / "in.json", tmp_path / "out.json",
-                                 "post-train-sft-0", True, run=fake, sleep=lambda seconds: None)
+    return skypilot.run_managed_job(sky_config(tmp_path), "tasks.sft", tmp_path / "in.json", tmp_path / "out.json",
+                                    "post-train-sft-0", True, run=fake, sleep=lambda seconds: None)
 
 
 def test_a_job_is_followed_until_it_succeeds(tmp_path: Path, monkeypatch):
@@ -277,15 +278,15 @@ def test_a_refused_job_is_a_config_error_and_a_failed_submission_a_failure(tmp_p
 
 
 def test_a_job_that_ends_without_a_result_is_a_stage_failure(tmp_path: Path):
-    def failed_job(inputs: Path, outputs: Path) -> tuple[int, str]:
-        return 1, "SkyPilot managed job post-train-sft-0 (id 7, FAILED_NO_RESOURCE after 3 recoveries)"
+    from tasks import sft
 
+    description = "SkyPilot managed job post-train-sft-0 (id 7, FAILED_NO_RESOURCE after 3 recoveries)"
     with pytest.raises(StageFailed, match=r"post-train-sft-0 \(id 7, FAILED_NO_RESOURCE after 3 recoveries\) exited"):
-        launch("tasks.sft", lambda: None, {}, tmp_path / "work", execute=failed_job)
+        read_result(tmp_path / "outputs.json", sft.run, 1, description)
 
 
 def test_a_job_without_status_is_cancelled_before_the_stage_fails(tmp_path: Path, monkeypatch):
-    fake = FakeSky(["unknown"] * cloud.MAX_STATUS_FAILURES)
+    fake = FakeSky(["unknown"] * skypilot.MAX_STATUS_FAILURES)
     status, description = run_job(tmp_path, fake, monkeypatch)
     assert status == 1 and "no status" in description and fake.calls[-1] == "cancel"
 
@@ -298,7 +299,7 @@ def test_an_interrupted_launcher_cancels_its_job(tmp_path: Path, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", REMOTE_URI)
     with pytest.raises(KeyboardInterrupt):
-        cloud.run_managed_job(sky_config(tmp_path), "tasks.sft", tmp_path / "i", tmp_path / "o", "job", True,
+        skypilot.run_managed_job(sky_config(tmp_path), "tasks.sft", tmp_path / "i", tmp_path / "o", "job", True,
                               run=fake, sleep=interrupt)
     assert fake.calls[-1] == "cancel"
 
@@ -306,7 +307,7 @@ def test_an_interrupted_launcher_cancels_its_job(tmp_path: Path, monkeypatch):
 # --- end to end through a stand-in `sky` ---------------------------------------------------------
 
 FAKE_SKY = """#!{python}
-# Plays SkyPilot for one node: `jobs launch` runs the task's `run` step (python -m post_train.cloud node)
+# Plays SkyPilot for one node: `jobs launch` runs the task's `run` step (python -m post_train.executors.skypilot node)
 # with the --env values and SkyPilot's variables; `jobs logs` / `jobs queue` report how it went.
 import json, os, subprocess, sys
 from pathlib import Path
@@ -322,7 +323,7 @@ if args[:2] == ["jobs", "launch"]:
     env.update(SKYPILOT_NODE_IPS="127.0.0.1\\n", SKYPILOT_NODE_RANK="0", SKYPILOT_NUM_NODES="1",
                SKYPILOT_NUM_GPUS_PER_NODE="1")
     workdir = args[args.index("--workdir") + 1]
-    code = subprocess.run([sys.executable, "-m", "post_train.cloud", "node"], env=env, cwd=workdir).returncode
+    code = subprocess.run([sys.executable, "-m", "post_train.executors.skypilot", "node"], env=env, cwd=workdir).returncode
     name = args[args.index("--name") + 1]
     (state / "job.json").write_text(json.dumps({{"job_id": 1, "job_name": name,
                                                 "status": "SUCCEEDED" if code == 0 else "FAILED"}}))
@@ -350,8 +351,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 
 
 def test_a_stage_runs_as_a_managed_job_and_its_result_comes_back_through_the_bucket(tmp_path: Path, fake_sky: Path):
-    from tasks import prepare
-
     bucket = tmp_path / "bucket"
     bucket.mkdir()
     message = [{"role": "user", "content": "Copy: a b"}]
@@ -364,17 +363,16 @@ def test_a_stage_runs_as_a_managed_job_and_its_result_comes_back_through_the_buc
                                              "compute.bucket": "s3://my-bucket", "compute.remote_root": str(bucket), "compute.accelerators": "A10G:1",
                                              "compute.sky_bin": str(tmp_path / "sky"),
                                              "runs_dir": str(bucket / "runs"), "cache_dir": str(bucket / "cache")})
-    work = bucket / "runs" / "r1" / "prepare"
-    cloud.preflight(config, {"config": config})
-    execute = cloud.managed_job_executor(config, "prepare", "tasks.prepare", distributed=False)
-    prepared = launch("tasks.prepare", prepare.run, {"config": config}, work, execute=execute)
+    run_dir = bucket / "runs" / "r1"
+    prepare_command = Stage("prepare", "tasks.prepare", key=lambda config, arguments: {})  # cached, so a command
+    prepared = run_stage(prepare_command, config, RunContext(str(run_dir)))
     assert prepared.sizes == {"sft": 1, "preferences": 1, "eval": 1}
     submitted = json.loads((fake_sky / "launch.json").read_text())
-    assert envs(submitted)["STAGE_INPUTS"] == str(work / "inputs.json") and option(submitted, "--gpus") == "A10G:1"
+    assert envs(submitted)["STAGE_INPUTS"] == str(run_dir / "prepare" / "inputs.json") and option(submitted, "--gpus") == "A10G:1"
 
     (bucket / "eval.jsonl").write_text('{"prompt": "x"}\n')  # the remote stage refuses it: a DataError, not retried
     with pytest.raises(DataError, match="eval.jsonl, row 0: missing field"):
-        launch("tasks.prepare", prepare.run, {"config": config}, work, execute=execute)
+        run_stage(prepare_command, config, RunContext(str(run_dir), force=True))
 
 
 # --- the paper recipes ---------------------------------------------------------------------------
@@ -401,7 +399,7 @@ def test_the_paper_recipes_are_the_papers_setting():
 def test_the_paper_recipe_launches_sft_on_eight_h100s(tmp_path: Path):
     (tmp_path / "sky").touch()
     config = load_config("paper_baseline", "demo", {"compute.bucket": "s3://my-bucket", "compute.sky_bin": str(tmp_path / "sky")})
-    command = cloud.submit_command(config, "tasks.sft", "/post-train/runs/r/sft/inputs.json",
+    command = skypilot.submit_command(config, "tasks.sft", "/post-train/runs/r/sft/inputs.json",
                                    "/post-train/runs/r/sft/outputs.json", "post-train-sft-1", True, {"MLFLOW_TRACKING_URI": REMOTE_URI})
     assert option(command, "--gpus") == "H100:8" and option(command, "--num-nodes") == "1"
     assert envs(command)["ACCELERATE_CONFIG"] == "configs/accelerate/multi_gpu_fsdp.yaml"
@@ -413,8 +411,9 @@ def test_the_paper_recipe_runs_at_smoke_size_on_a_local_tiny_model(tmp_path: Pat
     files in the Hub datasets' formats, the local backend, and a checkpoint every step."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    from post_train.stages import SFT
     from post_train.world.model import tiny_llama_config, train_tokenizer
-    from tasks import dpo, prepare, sft
+    from tasks import dpo, prepare
 
     pairs = [(f"Copy: {a} {b}", f"{a} {b}") for a in "abcd" for b in "efgh"]
     tokenizer = train_tokenizer([text for pair in pairs for text in pair], vocab_size=64)
@@ -439,7 +438,7 @@ def test_the_paper_recipe_runs_at_smoke_size_on_a_local_tiny_model(tmp_path: Pat
     })
     assert (config.sft.learning_rate, config.dpo.loss_params, config.compute.gradient_checkpointing) == (2e-5, {"beta": 0.01}, True)
     data = prepare.run(config)
-    trained = sft.sft_task.fn(config, str(base), data, str(tmp_path / "runs" / "r"), None)  # the stage's command, a child process
+    trained = run_stage(SFT, config, RunContext(str(tmp_path / "runs" / "r")), base_model_path=str(base), data=data)  # a child process
     assert AutoTokenizer.from_pretrained(trained.path).chat_template == DEFAULT_CHAT_TEMPLATE
     assert not any((tmp_path / "cache" / "checkpoints" / "sft").glob("*/step-*"))  # removed once the stage succeeded
     tuned = dpo.run(config, trained.path, data, str(tmp_path / "dpo"))

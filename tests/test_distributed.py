@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from post_train.config import TrainConfig
-from post_train.launch import stage_command
+from post_train.executors.local import stage_command
 from post_train.modeling import pad_collate
 from post_train.reference import reference_logps
 from post_train.training import latest_checkpoint, make_accelerator, train
@@ -101,7 +101,7 @@ def free_port() -> int:
 
 
 def test_two_nodes_wired_as_skypilot_wires_them_train_as_one(two_processes: Path, tmp_path: Path):
-    """`python -m post_train.cloud node` on two 'nodes' of one CPU each, with SkyPilot's variables."""
+    """`python -m post_train.executors.skypilot node` on two 'nodes' of one CPU each, with SkyPilot's variables."""
     port = str(free_port())
     nodes = []
     for rank in (0, 1):
@@ -109,7 +109,7 @@ def test_two_nodes_wired_as_skypilot_wires_them_train_as_one(two_processes: Path
                "STAGE_INPUTS": str(tmp_path / "inputs.json"), "STAGE_OUTPUTS": str(tmp_path / "outputs.json"),
                "STAGE_DISTRIBUTED": "1", "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1\n", "SKYPILOT_NODE_RANK": str(rank),
                "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NUM_GPUS_PER_NODE": "1", "MAIN_PROCESS_PORT": port}
-        nodes.append(subprocess.Popen([sys.executable, "-m", "post_train.cloud", "node"], cwd=REPO_ROOT, env=env,
+        nodes.append(subprocess.Popen([sys.executable, "-m", "post_train.executors.skypilot", "node"], cwd=REPO_ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [node.communicate(timeout=240)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]

@@ -10,8 +10,9 @@ import pytest
 from mlflow import MlflowClient
 
 from post_train.config import load_config
-from tasks import register
-from tasks.register import HeadToHead, promotion_decision
+from post_train.results import HeadToHead
+from tasks import fetch_champion, head_to_head, register
+from tasks.register import promotion_decision
 from tests.conftest import smoke_overrides
 from tests.test_evaluation import tuned_model  # noqa: F401 (a fixture: the base tuned on the eval answers)
 from tests.test_judges import KEY_ENV, SECRET, JudgeServer
@@ -22,10 +23,10 @@ def silent_model(smoke_stages, tmp_path_factory) -> str:
     """A real model that answers nothing: the base with its final norm zeroed (all logits 0 → pad → empty text)."""
     import torch
 
-    from post_train.modeling import load_model, load_tokenizer
+    from post_train.modeling import load_frozen, load_tokenizer
 
     _, _, base = smoke_stages
-    model, tokenizer = load_model(base.path, trainable=False), load_tokenizer(base.path)
+    model, tokenizer = load_frozen(base.path), load_tokenizer(base.path)
     with torch.no_grad():
         model.model.norm.weight.zero_()
     directory = tmp_path_factory.mktemp("silent")
@@ -34,14 +35,21 @@ def silent_model(smoke_stages, tmp_path_factory) -> str:
     return str(directory)
 
 
+def register_model(config, model_path: str, win_rate: float, data, scratch: Path, **extra):
+    """What the flow does, in this process: fetch the champion, meet it head to head, register."""
+    champion = fetch_champion.run(config, str(scratch))
+    comparison = head_to_head.run(config, model_path, champion.path, data, str(scratch)) if champion else None
+    return register.run(config, model_path, win_rate, data.data_hash, champion=champion, comparison=comparison, **extra)
+
+
 def aliases(client: MlflowClient, version: str) -> set[str]:
     return set(client.get_model_version("post-train", version).aliases)
 
 
-def test_the_first_version_becomes_champion_and_a_tie_does_not_take_over(smoke_stages, mlflow_store):
+def test_the_first_version_becomes_champion_and_a_tie_does_not_take_over(smoke_stages, mlflow_store, tmp_path):
     config, data, base = smoke_stages
     client = MlflowClient(mlflow_store)
-    first = register.run(config, base.path, 0.40, data.data_hash, flow_run_id="run-0", data=data)
+    first = register_model(config, base.path, 0.40, data, tmp_path, flow_run_id="run-0")
     assert first.is_champion and first.previous_champion is None and first.head_to_head is None
     assert aliases(client, "1") == {"champion", "challenger"}
     champion = client.get_model_version_by_alias("post-train", "champion")
@@ -51,7 +59,7 @@ def test_the_first_version_becomes_champion_and_a_tie_does_not_take_over(smoke_s
     assert "| split | win rate |" in champion.description and "first version" in champion.description
 
     # The same model again: every output is identical, every verdict a draw, 50% is not above 50%.
-    second = register.run(config, base.path, 0.90, data.data_hash, flow_run_id="run-1", data=data)
+    second = register_model(config, base.path, 0.90, data, tmp_path, flow_run_id="run-1")
     assert not second.is_champion and second.previous_champion == "1"
     assert second.head_to_head["head_to_head/win_rate/all"] == 0.5
     assert second.head_to_head["head_to_head/win_rate_ci_low/all"] == second.head_to_head["head_to_head/win_rate_ci_high/all"] == 0.5
@@ -63,14 +71,14 @@ def test_the_first_version_becomes_champion_and_a_tie_does_not_take_over(smoke_s
     assert "Not promoted to `champion`" in version.description
 
 
-def test_a_challenger_that_beats_the_champion_head_to_head_is_promoted(smoke_stages, silent_model, tuned_model, mlflow_store):  # noqa: F811
+def test_a_challenger_that_beats_the_champion_head_to_head_is_promoted(smoke_stages, silent_model, tuned_model, mlflow_store, tmp_path):  # noqa: F811
     config, data, _ = smoke_stages
     tuned_path, _, _ = tuned_model
     client = MlflowClient(mlflow_store)
-    register.run(config, silent_model, 0.0, data.data_hash, data=data)
+    register_model(config, silent_model, 0.0, data, tmp_path)
     metrics = {"win_rate/all": 0.8, "win_rate_se/all": 0.05, "win_rate_ci_low/all": 0.7, "win_rate_ci_high/all": 0.9,
                "lc_win_rate/all": 0.75, "num_prompts/all": 16.0}
-    result = register.run(config, tuned_path, 0.8, data.data_hash, data=data, metrics=metrics)
+    result = register_model(config, tuned_path, 0.8, data, tmp_path, metrics=metrics)
     assert result.is_champion and result.previous_champion == "1"
     head_to_head = result.head_to_head
     assert head_to_head["head_to_head/win_rate/all"] > 0.9  # gold reward: right answers against empty ones
@@ -98,10 +106,10 @@ def test_the_confidence_bound_decides_with_a_soft_llm_judge(smoke_stages, silent
         strict = load_config("lowlr", "smoke", {**judge, "registry.promotion_ci_lower_bound": 0.85})
         usual = load_config("lowlr", "smoke", judge)
         assert usual.registry.promotion_ci_lower_bound == 0.5
-        register.run(usual, silent_model, 0.0, data.data_hash, data=data)
-        refused = register.run(strict, base.path, 0.5, data.data_hash, data=data)
+        register_model(usual, silent_model, 0.0, data, tmp_path)
+        refused = register_model(strict, base.path, 0.5, data, tmp_path)
         asked = len(server.requests)
-        promoted = register.run(usual, base.path, 0.5, data.data_hash, data=data)
+        promoted = register_model(usual, base.path, 0.5, data, tmp_path)
     finally:
         server.close()
     assert refused.head_to_head["head_to_head/win_rate/all"] == pytest.approx(0.8)
@@ -126,11 +134,14 @@ def test_promotion_rule():
     assert not outcome(0.49, 0.46, 0.52, threshold=0.45)  # never below 50%
 
 
-def test_registering_against_a_champion_needs_the_evaluation_data(smoke_stages, mlflow_store):
+def test_registering_against_a_champion_needs_the_head_to_head(smoke_stages, mlflow_store, tmp_path):
     config, data, base = smoke_stages
+    assert fetch_champion.run(config, str(tmp_path)) is None
     register.run(config, base.path, 0.5, data.data_hash)
-    with pytest.raises(ValueError, match="head-to-head needs the evaluation data"):
-        register.run(config, base.path, 0.5, data.data_hash)
+    champion = fetch_champion.run(config, str(tmp_path))
+    assert champion.version == "1" and (Path(champion.path) / "config.json").is_file()
+    with pytest.raises(ValueError, match="registering needs the head-to-head against it"):
+        register.run(config, base.path, 0.5, data.data_hash, champion=champion)
 
 
 def test_a_registered_model_loads_back_into_transformers(smoke_stages, mlflow_store, tmp_path):

@@ -204,7 +204,13 @@ def test_retrain_is_deployed_on_its_cron_schedule(stack):
 
 
 def test_the_server_schedules_runs_of_retrain(stack, lowlr_run):
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
 
     deadline = time.monotonic() + 60
     scheduled = []

@@ -35,7 +35,7 @@ from post_train.world import (
     write_world,
 )
 from post_train.world.__main__ import main
-from post_train.world.model import train_tokenizer, tiny_llama_config
+from post_train.world.model import tiny_llama_config, train_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = {

@@ -20,7 +20,7 @@ Files: the stage reads inputs.json and writes outputs.json, its model and checkp
 means the same file on both sides. Tracking goes to `MLFLOW_TRACKING_URI`, which must be a
 server both sides reach.
 
-On each node of the job, `python -m post_train.cloud node` turns SkyPilot's variables into the
+On each node of the job, `python -m post_train.executors.skypilot node` turns SkyPilot's variables into the
 stage command (`node_command`): `accelerate launch` over all GPUs of all nodes, the main
 process on the first IP of SKYPILOT_NODE_IPS.
 """
@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from post_train.config import REPO_ROOT, ConfigError, PipelineConfig
-from post_train.launch import MAIN_PROCESS_PORT, Executor, StageFailed, stage_command
+from post_train.executors.local import MAIN_PROCESS_PORT, stage_command
+from post_train.stage_io import StageFailed
 
 TERMINAL = {"SUCCEEDED", "CANCELLED", "FAILED", "FAILED_SETUP", "FAILED_PRECHECKS", "FAILED_NO_RESOURCE", "FAILED_CONTROLLER"}
 """SkyPilot's terminal managed-job statuses (sky.jobs.state.ManagedJobStatus)."""
@@ -232,13 +233,15 @@ def run_managed_job(
     return (0 if status == "SUCCEEDED" else 1), description
 
 
-def managed_job_executor(config: PipelineConfig, stage: str, module: str, distributed: bool) -> Executor:
-    """What `post_train.launch.launch` calls instead of a local child process."""
+class SkyPilotExecutor:
+    def __init__(self, config: PipelineConfig):
+        self.config = config
 
-    def execute(inputs: Path, outputs: Path) -> tuple[int, str]:
-        return run_managed_job(config, module, inputs, outputs, job_name(stage), distributed)
+    def preflight(self, arguments: Mapping[str, Any]) -> None:
+        preflight(self.config, arguments)
 
-    return execute
+    def run(self, stage: str, module: str, inputs: Path, outputs: Path, distributed: bool) -> tuple[int, str]:
+        return run_managed_job(self.config, module, inputs, outputs, job_name(stage), distributed)
 
 
 def node_command(environ: Mapping[str, str]) -> list[str]:
@@ -263,10 +266,10 @@ def node_command(environ: Mapping[str, str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m post_train.cloud node`: run this node's share of the stage (sky/stage.yaml's `run`)."""
+    """`python -m post_train.executors.skypilot node`: run this node's share of the stage (sky/stage.yaml's `run`)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv != ["node"]:
-        raise SystemExit("usage: python -m post_train.cloud node   (run by sky/stage.yaml on every node)")
+        raise SystemExit("usage: python -m post_train.executors.skypilot node   (run by sky/stage.yaml on every node)")
     command = node_command(os.environ)
     print("post-train node:", " ".join(command), flush=True)
     os.execv(command[0], command)

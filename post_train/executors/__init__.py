@@ -1,0 +1,26 @@
+"""Where a stage's command runs: one module per backend, found here by the name `compute.backend` gives.
+
+An executor is a class built from the config with the stage's placement as its `compute` section
+(`ComputeConfig.for_stage`: the global section with `compute.stages.<stage>` over it), with
+
+- `preflight(arguments)`: raise `ConfigError` for anything it can check before any work;
+- `run(stage, module, inputs, outputs, distributed) -> (exit status, description)`: run
+  `python -m <module> --inputs <inputs> --outputs <outputs>` and wait for it.
+
+Entries are import paths, not imports: the stages' code (and so their cache keys) never reaches a backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+EXECUTORS: dict[str, str] = {
+    "local": "post_train.executors.local:LocalExecutor",
+    "skypilot": "post_train.executors.skypilot:SkyPilotExecutor",
+}
+
+
+def executor_class(name: str) -> Any:
+    module, _, attribute = EXECUTORS[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)

@@ -1,0 +1,87 @@
+"""What stages hand each other: plain records of paths, hashes and metrics, the same in every process.
+
+A stage's command writes its result as JSON and the next stage reads it back as one of these, so
+stages share these types instead of importing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ALL = "all"
+"""The split that pools every evaluation prompt."""
+HEAD_TO_HEAD = "head_to_head/"
+"""Prefix of the head-to-head metrics: `head_to_head/win_rate/<split>`, `head_to_head/win_rate_ci_low/<split>`, ..."""
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    sft: str
+    preferences: str
+    eval: str
+    data_hash: str
+    """DVC's md5 of the world's output directory when all data comes from the world, else a sha256 of the sources."""
+    pretrain_corpus: str | None
+    sizes: dict[str, int]
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A model directory and the metrics of the stage that made it (none for a user's model taken as given)."""
+
+    path: str
+    metrics: dict[str, float]
+    run_id: str = ""
+    cache_hit: bool = False
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, float]
+    """`win_rate/<split>`, `win_rate_se/<split>`, `lc_win_rate/<split>`, ... with split `all` overall, and diagnostics."""
+    run_id: str
+    cache_hit: bool = False
+
+    @property
+    def win_rate(self) -> float:
+        return self.metrics[f"win_rate/{ALL}"]
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The registered champion, downloaded for a head-to-head."""
+
+    version: str
+    path: str
+
+
+@dataclass(frozen=True)
+class HeadToHead:
+    metrics: dict[str, float]
+    run_id: str
+    cache_hit: bool = False
+
+    @property
+    def win_rate(self) -> float:
+        return self.metrics[f"{HEAD_TO_HEAD}win_rate/{ALL}"]
+
+    @property
+    def ci_low(self) -> float:
+        return self.metrics[f"{HEAD_TO_HEAD}win_rate_ci_low/{ALL}"]
+
+    @property
+    def ci_high(self) -> float:
+        return self.metrics[f"{HEAD_TO_HEAD}win_rate_ci_high/{ALL}"]
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    model_uri: str
+    is_champion: bool
+    previous_champion: str | None
+    reason: str = ""
+    """Why the version was or was not promoted."""
+    head_to_head: dict[str, float] | None = None
+    """The head-to-head metrics against `previous_champion`; None for the first version."""

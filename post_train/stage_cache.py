@@ -1,0 +1,48 @@
+"""Stage results cached by content under `cache_dir/stages/<stage>/<key>`.
+
+An entry is written into a scratch directory and renamed into place only when the stage
+succeeded, so an interrupted stage never leaves a half-written entry.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from post_train.stage_io import to_json
+
+Result = TypeVar("Result")
+RESULT_FILE = "result.json"
+
+
+def cached(
+    stage: str,
+    key: str,
+    cache_dir: str,
+    produce: Callable[[Path], Result],
+    result_type: type[Result],
+    force: bool = False,
+) -> tuple[Result, bool]:
+    """`produce(directory)`'s result, reused when a stage with the same key already finished.
+
+    Paths in the result are rewritten from the scratch directory to the final place.
+    Returns (result, cache hit).
+    """
+    directory = Path(cache_dir).resolve() / "stages" / stage / key
+    result_file = directory / RESULT_FILE
+    if result_file.is_file() and not force:
+        return result_type(**json.loads(result_file.read_text())), True
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{key}-"))
+    try:
+        result = json.dumps(to_json(produce(scratch)), indent=2).replace(str(scratch), str(directory))
+        (scratch / RESULT_FILE).write_text(result)
+        if directory.exists():  # forced: the new result replaces the old one
+            shutil.rmtree(directory)
+        scratch.rename(directory)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return result_type(**json.loads(result_file.read_text())), False

@@ -1,0 +1,165 @@
+"""Every stage declared once, and the one way a declared stage runs.
+
+A declaration says which module computes the stage (its `run` function and its command
+`python -m <module>`), what its cache key depends on besides its code, whether it trains on
+every process its placement gives it, and how often a transient failure is retried. Stages
+without a key (prepare, fetch-champion, register) are cheap bookkeeping and run in the calling
+process; the others run as commands through the executor their placement names, cached by content.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import shutil
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from post_train.config import PipelineConfig
+from post_train.executors import executor_class
+from post_train.fingerprint import content_key, module_fingerprint
+from post_train.judges import judge_fingerprint
+from post_train.reference import model_fingerprint
+from post_train.stage_cache import cached
+from post_train.stage_io import read_result, write_inputs
+from post_train.tracking import record_cache_hit
+
+KeyParts = Callable[[PipelineConfig, Mapping[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage of one flow run shares."""
+
+    run_dir: str
+    parent_run_id: str | None = None
+    """The flow's MLflow run; each stage's run hangs under it."""
+    force: bool = False
+    """Rerun cached stages."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str
+    key: KeyParts | None = None
+    """The cache key's parts besides the stage's code; None: not cached, run in this process."""
+    distributed: bool = False
+    retry_delays: tuple[int, ...] = (10, 60)
+    """Seconds before each retry of a transient failure; bad input is never retried."""
+
+    @property
+    def function(self) -> Callable[..., Any]:
+        return importlib.import_module(self.module).run
+
+
+def _optional_model(path: str | None) -> str | None:
+    return model_fingerprint(path) if path else None
+
+
+PREPARE = Stage("prepare", "tasks.prepare", retry_delays=(5, 30))
+PRETRAIN = Stage(
+    "pretrain", "tasks.pretrain", distributed=True,
+    key=lambda config, a: {"base_model": config.base_model.model_dump(mode="json"), "data_hash": a["data"].data_hash},
+)
+SFT = Stage(
+    "sft", "tasks.sft", distributed=True,
+    key=lambda config, a: {
+        "sft": config.sft.model_dump(mode="json"), "mixed_precision": config.mixed_precision,
+        "base_model": model_fingerprint(a["base_model_path"]), "chat_template": config.model.chat_template,
+        "data_hash": a["data"].data_hash,
+    },
+)
+DPO = Stage(
+    "dpo", "tasks.dpo", distributed=True,
+    key=lambda config, a: {
+        "dpo": config.dpo.model_dump(mode="json"), "mixed_precision": config.mixed_precision,
+        "sft_model": model_fingerprint(a["sft_model_path"]), "data_hash": a["data"].data_hash,
+    },
+)
+EVALUATE = Stage(
+    "evaluate", "tasks.evaluate",
+    key=lambda config, a: {
+        "evaluation": config.evaluation.model_dump(mode="json"), "judge": judge_fingerprint(config.evaluation),
+        "model": model_fingerprint(a["model_path"]), "data_hash": a["data"].data_hash,
+        "reference_model": _optional_model(a.get("reference_model_path")),
+        "base_model": _optional_model(a.get("base_model_path")),
+    },
+)
+FETCH_CHAMPION = Stage("fetch-champion", "tasks.fetch_champion", retry_delays=(5, 30))
+HEAD_TO_HEAD = Stage(
+    "head-to-head", "tasks.head_to_head",
+    key=lambda config, a: {
+        "evaluation": config.evaluation.model_dump(mode="json"), "judge": judge_fingerprint(config.evaluation),
+        "candidate": model_fingerprint(a["candidate_path"]), "baseline": model_fingerprint(a["baseline_path"]),
+        "data_hash": a["data"].data_hash,
+    },
+)
+REGISTER = Stage("register", "tasks.register", retry_delays=(5, 30))
+
+STAGE_DECLARATIONS = (PREPARE, PRETRAIN, SFT, DPO, EVALUATE, FETCH_CHAMPION, HEAD_TO_HEAD, REGISTER)
+
+
+def _context_arguments(function: Callable[..., Any], context: RunContext, output_dir: Path) -> dict[str, Any]:
+    """The run context's parts that `function` asks for by name (`output_dir` is created when asked for)."""
+    accepted = inspect.signature(function).parameters
+    arguments: dict[str, Any] = {}
+    if "parent_run_id" in accepted:
+        arguments["parent_run_id"] = context.parent_run_id
+    if "output_dir" in accepted:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        arguments["output_dir"] = str(output_dir)
+    return arguments
+
+
+def preflight(config: PipelineConfig, arguments: Mapping[str, Any] | None = None) -> None:
+    """Each command stage's executor checks what it can before any work (cloud setup, reachable paths)."""
+    for stage in STAGE_DECLARATIONS:
+        if stage.key is not None:
+            placed = config.model_copy(update={"compute": config.compute.for_stage(stage.name)})
+            executor_class(placed.compute.backend)(placed).preflight(arguments or {})
+
+
+def run_stage(stage: Stage, config: PipelineConfig, context: RunContext, **arguments: Any) -> Any:
+    """Run `stage` on `arguments`: in this process, or from the cache when its key is known, else as a command.
+
+    A command stage's key hashes `stage.key`'s parts and the source of the stage's module and every
+    project module it imports; a cache hit gets a child MLflow run tagged `cache_hit` with the cached
+    metrics. A stage whose `run` takes `checkpoint_dir` gets `cache_dir/checkpoints/<stage>/<key>`:
+    the same place for every attempt at the same key, removed once the stage succeeds.
+    """
+    function = stage.function
+    work_dir = Path(context.run_dir) / stage.name
+    if stage.key is None:
+        return function(config=config, **arguments, **_context_arguments(function, context, work_dir))
+
+    placed = config.model_copy(update={"compute": config.compute.for_stage(stage.name)})
+    executor = executor_class(placed.compute.backend)(placed)
+    executor.preflight(arguments)
+    key = content_key(stage=stage.name, **stage.key(config, arguments), code=module_fingerprint(stage.module))
+    checkpoints = Path(config.cache_dir).resolve() / "checkpoints" / stage.name / key
+    takes_checkpoints = "checkpoint_dir" in inspect.signature(function).parameters
+
+    def produce(directory: Path) -> Any:
+        stage_arguments = {"config": config, **arguments, **_context_arguments(function, context, directory)}
+        if takes_checkpoints:
+            stage_arguments["checkpoint_dir"] = str(checkpoints)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        inputs, outputs = work_dir / "inputs.json", work_dir / "outputs.json"
+        write_inputs(inputs, stage_arguments)
+        outputs.unlink(missing_ok=True)
+        returncode, description = executor.run(stage.name, stage.module, inputs, outputs, stage.distributed)
+        return read_result(outputs, function, returncode, description)
+
+    result_type = typing.get_type_hints(function)["return"]
+    result, hit = cached(stage.name, key, config.cache_dir, produce, result_type, context.force)
+    if not hit and takes_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    if hit:
+        record_cache_hit(stage.name, context.parent_run_id, key, getattr(result, "metrics", {}))
+    if "cache_hit" in {field.name for field in dataclasses.fields(result)}:
+        result = dataclasses.replace(result, cache_hit=hit)
+    return result
