@@ -37,10 +37,11 @@ demo: install
 serve: install
 	$(BIN)/python -m flows.serve
 
-# The linter (rules in pyproject.toml), then the whole suite, SkyPilot's own validation of
+# The linter and the formatter's check (rules in pyproject.toml), then the whole suite, SkyPilot's own validation of
 # sky/*.yaml included (hence sky-env).
 test: install sky-env
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	SKYPILOT_DISABLE_USAGE_COLLECTION=1 $(BIN)/python -m pytest -q
 
 mlflow-ui: install

@@ -36,31 +36,51 @@ from post_train.tracking import experiment_id, flatten, log_params_and_metrics, 
 
 @task(name="compare-cell", task_run_name="cell {cell.slug}")
 def compare_cell(
-    cell: Cell, config: PipelineConfig, base_model_path: str, data: PreparedData, run_dir: str,
-    parent_run_id: str, force: bool = False,
+    cell: Cell,
+    config: PipelineConfig,
+    base_model_path: str,
+    data: PreparedData,
+    run_dir: str,
+    parent_run_id: str,
+    force: bool = False,
 ) -> dict[str, Any]:
     """SFT → DPO → evaluate for one cell under its own MLflow run; returns the cell's table row."""
     client = MlflowClient(tracking_uri())
     run_id = client.create_run(
-        experiment_id(), run_name=cell.slug,
+        experiment_id(),
+        run_name=cell.slug,
         tags={MLFLOW_PARENT_RUN_ID: parent_run_id, "compare_cell": cell.name, "objective": cell.objective},
     ).info.run_id
-    log_params_and_metrics(client, run_id, params={
-        "sft.objective": cell.objective, "sft.learning_rate": cell.learning_rate, "seed": cell.seed,
-    })
+    log_params_and_metrics(
+        client,
+        run_id,
+        params={
+            "sft.objective": cell.objective,
+            "sft.learning_rate": cell.learning_rate,
+            "seed": cell.seed,
+        },
+    )
     try:
         context = RunContext(run_dir, run_id, force)
         sft = stages.sft(config, context, base_model_path=base_model_path, data=data)
         dpo = stages.dpo(config, context, sft_model_path=sft.path, data=data)
-        evaluation = stages.evaluate(config, context, model_path=dpo.path, data=data,
-                                     reference_model_path=sft.path, base_model_path=base_model_path)
+        evaluation = stages.evaluate(
+            config,
+            context,
+            model_path=dpo.path,
+            data=data,
+            reference_model_path=sft.path,
+            base_model_path=base_model_path,
+        )
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
     row = comparison.result_row(cell, evaluation.metrics, sft.metrics, dpo.metrics, run_id)
-    log_params_and_metrics(client, run_id, metrics={
-        key: value for key, value in row.items() if isinstance(value, float) and key != "sft_learning_rate"
-    })
+    log_params_and_metrics(
+        client,
+        run_id,
+        metrics={key: value for key, value in row.items() if isinstance(value, float) and key != "sft_learning_rate"},
+    )
     client.set_terminated(run_id, status="FINISHED")
     return row
 
@@ -92,18 +112,36 @@ def compare(
     out.mkdir(parents=True, exist_ok=False)
     (out / "config.json").write_text(base.model_dump_json(indent=2))
     spec = {
-        "recipe": base.recipe, "scale": base.scale, "objectives": list(objectives),
+        "recipe": base.recipe,
+        "scale": base.scale,
+        "objectives": list(objectives),
         "learning_rates": list(dict.fromkeys(cell.learning_rate for cell, _ in grid.cells)),
-        "seeds": list(seeds), "overrides": overrides or {}, "parallelism": parallelism,
-        "cells": [{"name": cell.name, "slug": cell.slug, "objective": cell.objective,
-                   "sft_learning_rate": cell.learning_rate, "seed": cell.seed} for cell, _ in grid.cells],
+        "seeds": list(seeds),
+        "overrides": overrides or {},
+        "parallelism": parallelism,
+        "cells": [
+            {
+                "name": cell.name,
+                "slug": cell.slug,
+                "objective": cell.objective,
+                "sft_learning_rate": cell.learning_rate,
+                "seed": cell.seed,
+            }
+            for cell, _ in grid.cells
+        ],
     }
     (out / "grid.json").write_text(json.dumps(spec, indent=2, default=str))
 
     client = MlflowClient(tracking_uri())
     parent_id = client.create_run(
-        experiment_id(), run_name=f"compare-{run_name}",
-        tags={"flow": "compare", "recipe": base.recipe, "scale": base.scale, "prefect_flow_run_id": str(flow_run.get_id())},
+        experiment_id(),
+        run_name=f"compare-{run_name}",
+        tags={
+            "flow": "compare",
+            "recipe": base.recipe,
+            "scale": base.scale,
+            "prefect_flow_run_id": str(flow_run.get_id()),
+        },
     ).info.run_id
     shared = {k: v for k, v in flatten(base.model_dump(mode="json")).items() if not k.startswith(comparison.GRID_KEYS)}
     grid_params = {f"grid.{k}": " ".join(map(str, spec[k])) for k in ("objectives", "learning_rates", "seeds")}
@@ -115,10 +153,18 @@ def compare(
         rows, failures = [], []
         with ThreadPoolTaskRunner(max_workers=parallelism) as runner:
             futures = [
-                runner.submit(compare_cell, {
-                    "cell": cell, "config": config, "base_model_path": base_model.path, "data": data,
-                    "run_dir": str(out / "cells" / cell.slug), "parent_run_id": parent_id, "force": force,
-                })
+                runner.submit(
+                    compare_cell,
+                    {
+                        "cell": cell,
+                        "config": config,
+                        "base_model_path": base_model.path,
+                        "data": data,
+                        "run_dir": str(out / "cells" / cell.slug),
+                        "parent_run_id": parent_id,
+                        "force": force,
+                    },
+                )
                 for cell, config in grid.cells
             ]
             for (cell, _), future in zip(grid.cells, futures):
@@ -149,8 +195,13 @@ def compare(
         raise
     client.set_terminated(parent_id, status="FINISHED")
 
-    logger.info("compare: %d cells, results in %s\n%s%s", len(rows), out, markdown,
-                f"\nmean over seeds:\n{aggregated_markdown}" if aggregated_markdown else "")
+    logger.info(
+        "compare: %d cells, results in %s\n%s%s",
+        len(rows),
+        out,
+        markdown,
+        f"\nmean over seeds:\n{aggregated_markdown}" if aggregated_markdown else "",
+    )
     return {
         "recipe": base.recipe,
         "scale": base.scale,
@@ -161,7 +212,8 @@ def compare(
         "markdown": markdown,
         "aggregated_markdown": aggregated_markdown,
         "output_dir": str(out),
-        "paths": {name: str(path) for name, path in files.items()} | {"plots": {name: str(p) for name, p in plots.items()}},
+        "paths": {name: str(path) for name, path in files.items()}
+        | {"plots": {name: str(p) for name, p in plots.items()}},
         "mlflow_run_id": parent_id,
         "mlflow_run_uri": f"runs:/{parent_id}",
     }
@@ -172,6 +224,8 @@ def compare_deployment():
     from prefect.types.entrypoint import EntrypointType
 
     return compare.to_deployment(
-        name="grid", tags=["post-train", "compare"], entrypoint_type=EntrypointType.MODULE_PATH,
+        name="grid",
+        tags=["post-train", "compare"],
+        entrypoint_type=EntrypointType.MODULE_PATH,
         description="Compare SFT objectives x learning rates x seeds by post-DPO win rate.",
     )

@@ -45,7 +45,8 @@ def post_train(
 
     client = MlflowClient(tracking_uri())
     parent = client.create_run(
-        experiment_id(), run_name=f"{config.recipe}-{run_name}",
+        experiment_id(),
+        run_name=f"{config.recipe}-{run_name}",
         tags={"recipe": config.recipe, "scale": config.scale, "prefect_flow_run_id": str(flow_run.get_id())},
     )
     parent_id = parent.info.run_id
@@ -58,14 +59,25 @@ def post_train(
         base = stages.base_model(config, context, data=data)
         sft = stages.sft(config, context, base_model_path=base.path, data=data)
         dpo = stages.dpo(config, context, sft_model_path=sft.path, data=data)
-        evaluation = stages.evaluate(config, context, model_path=dpo.path, data=data,
-                                     reference_model_path=sft.path, base_model_path=base.path)
+        evaluation = stages.evaluate(
+            config, context, model_path=dpo.path, data=data, reference_model_path=sft.path, base_model_path=base.path
+        )
         champion = stages.fetch_champion(config, context)
-        comparison = (stages.head_to_head(config, context, candidate_path=dpo.path, baseline_path=champion.path, data=data)
-                      if champion is not None else None)
+        comparison = (
+            stages.head_to_head(config, context, candidate_path=dpo.path, baseline_path=champion.path, data=data)
+            if champion is not None
+            else None
+        )
         registration = stages.register(
-            config, context, model_path=dpo.path, win_rate=evaluation.win_rate, data_hash=data.data_hash,
-            flow_run_id=str(flow_run.get_id()), metrics=evaluation.metrics, champion=champion, comparison=comparison,
+            config,
+            context,
+            model_path=dpo.path,
+            win_rate=evaluation.win_rate,
+            data_hash=data.data_hash,
+            flow_run_id=str(flow_run.get_id()),
+            metrics=evaluation.metrics,
+            champion=champion,
+            comparison=comparison,
         )
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
@@ -88,7 +100,8 @@ def post_train(
         "champion": registration.is_champion,
         "registration": {
             "version": registration.version,
-            "aliases": [config.registry.challenger_alias] + ([config.registry.champion_alias] if registration.is_champion else []),
+            "aliases": [config.registry.challenger_alias]
+            + ([config.registry.champion_alias] if registration.is_champion else []),
             "promoted": registration.is_champion,
             "reason": registration.reason,
             "previous_champion": registration.previous_champion,

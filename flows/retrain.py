@@ -54,17 +54,24 @@ def retrain(
         reason = f"the champion models:/{name}@{alias} (version {champion.version}) was trained on this data"
         logger.info("retrain skipped: %s (data hash %s)", reason, data.data_hash)
         run = client.create_run(
-            experiment_id(), run_name=f"retrain-skipped-{flow_run.get_name() or 'local'}",
-            tags={SKIP_TAG: "true", "recipe": config.recipe, "scale": config.scale, "data_hash": data.data_hash,
-                  "champion_version": str(champion.version), "prefect_flow_run_id": str(flow_run.get_id())},
+            experiment_id(),
+            run_name=f"retrain-skipped-{flow_run.get_name() or 'local'}",
+            tags={
+                SKIP_TAG: "true",
+                "recipe": config.recipe,
+                "scale": config.scale,
+                "data_hash": data.data_hash,
+                "champion_version": str(champion.version),
+                "prefect_flow_run_id": str(flow_run.get_id()),
+            },
         )
         client.set_terminated(run.info.run_id, status="FINISHED")
         create_markdown_artifact(
             key=ARTIFACT_KEY,
             description="Why this retrain run did or did not train",
             markdown=f"## Retrain skipped\n\nData hash `{data.data_hash}` is unchanged: {reason}.\n\n"
-                     f"Recipe `{config.recipe}` at scale `{config.scale}`; MLflow run `{run.info.run_id}` "
-                     f"is tagged `{SKIP_TAG}`. Run with `force=true` to retrain anyway.\n",
+            f"Recipe `{config.recipe}` at scale `{config.scale}`; MLflow run `{run.info.run_id}` "
+            f"is tagged `{SKIP_TAG}`. Run with `force=true` to retrain anyway.\n",
         )
         return {**decision, "skipped": True, "reason": reason, "mlflow_run_id": run.info.run_id}
 
@@ -79,8 +86,8 @@ def retrain(
         key=ARTIFACT_KEY,
         description="Why this retrain run did or did not train",
         markdown=f"## Retraining\n\n{reason[0].upper()}{reason[1:]}; current data hash `{data.data_hash}`. "
-                 f"Running `post-train` (recipe `{config.recipe}`, scale `{config.scale}`) as a subflow; "
-                 "it promotes the new version only if it beats the champion head to head.\n",
+        f"Running `post-train` (recipe `{config.recipe}`, scale `{config.scale}`) as a subflow; "
+        "it promotes the new version only if it beats the champion head to head.\n",
     )
     summary = post_train(recipe=recipe, scale=scale, overrides=overrides, force=force)
     return {**decision, "skipped": False, "reason": reason, "summary": summary}

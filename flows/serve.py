@@ -78,18 +78,26 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--retrain-cron", default=os.environ.get(CRON_ENV, DEFAULT_RETRAIN_CRON),
-        help=f"cron schedule of retrain/{RETRAIN_DEPLOYMENT} (default: ${CRON_ENV} or {DEFAULT_RETRAIN_CRON!r}); '' for none",
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--retrain-timezone", default=os.environ.get(TIMEZONE_ENV, "UTC"),
+        "--retrain-cron",
+        default=os.environ.get(CRON_ENV, DEFAULT_RETRAIN_CRON),
+        help=f"cron schedule of retrain/{RETRAIN_DEPLOYMENT} "
+        f"(default: ${CRON_ENV} or {DEFAULT_RETRAIN_CRON!r}); '' for none",
+    )
+    parser.add_argument(
+        "--retrain-timezone",
+        default=os.environ.get(TIMEZONE_ENV, "UTC"),
         help=f"time zone of that schedule, e.g. Europe/Paris (default: ${TIMEZONE_ENV} or UTC)",
     )
-    parser.add_argument("--limit", type=int, default=1,
-                        help="flow runs executed at the same time (default 1: training runs share the machine)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=1,
+        help="flow runs executed at the same time (default 1: training runs share the machine)",
+    )
     args = parser.parse_args(argv)
 
     from post_train.server import ServerError, local_server

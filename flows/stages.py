@@ -41,8 +41,13 @@ def stage_task(stage: Stage, name: str | None = None):
     def call(config: PipelineConfig, context: RunContext, **arguments: Any) -> Any:
         return run_stage(stage, config, context, **arguments)
 
-    return task(call, name=name or stage.name, retries=len(stage.retry_delays),
-                retry_delay_seconds=list(stage.retry_delays), retry_condition_fn=should_retry)
+    return task(
+        call,
+        name=name or stage.name,
+        retries=len(stage.retry_delays),
+        retry_delay_seconds=list(stage.retry_delays),
+        retry_condition_fn=should_retry,
+    )
 
 
 prepare = stage_task(PREPARE)
@@ -54,10 +59,14 @@ head_to_head = stage_task(HEAD_TO_HEAD)
 register = stage_task(REGISTER)
 
 
-@task(name="pretrain-base-model", retries=len(PRETRAIN.retry_delays), retry_delay_seconds=list(PRETRAIN.retry_delays),
-      retry_condition_fn=should_retry)
+@task(
+    name="pretrain-base-model",
+    retries=len(PRETRAIN.retry_delays),
+    retry_delay_seconds=list(PRETRAIN.retry_delays),
+    retry_condition_fn=should_retry,
+)
 def base_model(config: PipelineConfig, context: RunContext, **arguments: Any) -> TrainedModel:
-    """The user's model as given (`model.name_or_path`), or the demo base model, pretrained once per config, data and code."""
+    """The user's model as given (`model.name_or_path`), or the demo base model (pretrained once per key)."""
     if config.model.name_or_path is not None:
         return TrainedModel(path=config.model.name_or_path, metrics={})
     return run_stage(PRETRAIN, config, context, **arguments)

@@ -17,9 +17,7 @@ _VALID_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 
 
-def resolve_hparams(
-    owner: str, defaults: Mapping[str, float], given: Mapping[str, float]
-) -> dict[str, float]:
+def resolve_hparams(owner: str, defaults: Mapping[str, float], given: Mapping[str, float]) -> dict[str, float]:
     """``defaults`` updated with ``given``; raises ``ValueError`` on unknown names or bad values."""
     unknown = sorted(set(given) - set(defaults))
     if unknown:

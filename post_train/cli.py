@@ -34,6 +34,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  win rate vs reference ({judge} judge, %): raw ± s.e. [95% bootstrap CI], discrete, length-controlled",
     ]
     for split in splits_in(evaluation):
+
         def get(key: str, split: str = split) -> Any:
             return evaluation.get(f"{key}/{split}")
 
@@ -50,10 +51,19 @@ def format_summary(summary: dict[str, Any]) -> str:
     diagnostics = [
         ("KL to base", [("sft", "kl_to_base/sft"), ("dpo", "kl_to_base/dpo")], "{:.4f}"),
         ("entropy", [("base", "entropy/base"), ("sft", "entropy/sft"), ("dpo", "entropy/dpo")], "{:.3f}"),
-        ("implicit-reward acc.", [("dpo vs sft", "implicit_reward_accuracy/dpo_vs_sft/all"),
-                                      ("sft vs base", "implicit_reward_accuracy/sft_vs_base/all")], "{:.2f}"),
-        ("Q-value Spearman", [("dpo vs sft", "q_value_spearman/dpo_vs_sft"),
-                              ("sft vs base", "q_value_spearman/sft_vs_base")], "{:.3f}"),
+        (
+            "implicit-reward acc.",
+            [
+                ("dpo vs sft", "implicit_reward_accuracy/dpo_vs_sft/all"),
+                ("sft vs base", "implicit_reward_accuracy/sft_vs_base/all"),
+            ],
+            "{:.2f}",
+        ),
+        (
+            "Q-value Spearman",
+            [("dpo vs sft", "q_value_spearman/dpo_vs_sft"), ("sft vs base", "q_value_spearman/sft_vs_base")],
+            "{:.3f}",
+        ),
     ]
     for label, keys, fmt in diagnostics:
         found = [f"{name} {fmt.format(evaluation[key])}" for name, key in keys if key in evaluation]
@@ -84,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--recipe", default="lowlr", help=f"one of {available_recipes()} or a .yaml path")
     run_parser.add_argument("--scale", default="demo", help=f"one of {available_scales()} or a .yaml path")
     run_parser.add_argument(
-        "-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. -o sft.learning_rate=1e-4 (repeatable)",
     )
     run_parser.add_argument("--force", action="store_true", help="rerun every stage, ignoring cached results")
@@ -97,18 +111,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     compare_parser.add_argument("--scale", default="demo", help=f"one of {available_scales()} or a .yaml path")
     compare_parser.add_argument(
-        "--objectives", nargs="+", default=list(DEFAULT_OBJECTIVES), metavar="OBJECTIVE",
+        "--objectives",
+        nargs="+",
+        default=list(DEFAULT_OBJECTIVES),
+        metavar="OBJECTIVE",
         help="SFT objectives (sft.objective names)",
     )
     compare_parser.add_argument(
-        "--learning-rates", nargs="+", type=float, default=None, metavar="LR",
+        "--learning-rates",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="LR",
         help="SFT learning rates (default: the recipe's and a quarter of it)",
     )
     compare_parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="SFT and DPO seeds")
     compare_parser.add_argument("--parallelism", type=int, default=1, help="grid cells run at once")
     compare_parser.add_argument("--force", action="store_true", help="rerun stages even when cached")
     compare_parser.add_argument(
-        "-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value for every cell (repeatable)",
     )
     args = parser.parse_args(argv)
@@ -127,8 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         from flows.compare import compare
 
         result = compare(
-            recipe=args.recipe, scale=args.scale, objectives=args.objectives, learning_rates=args.learning_rates,
-            seeds=args.seeds, overrides=overrides, parallelism=args.parallelism, force=args.force,
+            recipe=args.recipe,
+            scale=args.scale,
+            objectives=args.objectives,
+            learning_rates=args.learning_rates,
+            seeds=args.seeds,
+            overrides=overrides,
+            parallelism=args.parallelism,
+            force=args.force,
         )
         print("\n" + result["markdown"])
         if result["aggregated_markdown"]:

@@ -303,7 +303,9 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         cells += [_percent_with_ci(row, split) for split in splits]
         cells += [_number(row[f"gold_reward/{split}"], 3) for split in splits]
         cells += [
-            _number(row["sft_kl_to_base"], 4), _number(row["sft_entropy"], 3), _number(row["dpo_reward_accuracy"], 2),
+            _number(row["sft_kl_to_base"], 4),
+            _number(row["sft_entropy"], 3),
+            _number(row["dpo_reward_accuracy"], 2),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -344,8 +346,10 @@ def bar_plot(
             x = position - 0.4 + width * (index + 0.5)
             if len(group) == 1:
                 mean = values[0]
-                low, high = (group[0].get(key.replace("win_rate/", "win_rate_ci95_low/"), NAN),
-                             group[0].get(key.replace("win_rate/", "win_rate_ci95_high/"), NAN))
+                low, high = (
+                    group[0].get(key.replace("win_rate/", "win_rate_ci95_low/"), NAN),
+                    group[0].get(key.replace("win_rate/", "win_rate_ci95_high/"), NAN),
+                )
             else:
                 summary = t_interval(values)
                 mean, low, high = summary.mean, summary.low, summary.high

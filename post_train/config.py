@@ -94,8 +94,8 @@ class ModelConfig(StrictModel):
     )
     chat_template: str | None = Field(
         default=None,
-        description="Chat template (Jinja) set when the model's tokenizer has none; `default` is DEFAULT_CHAT_TEMPLATE. "
-        "A tokenizer's own template is always kept.",
+        description="Chat template (Jinja) set when the model's tokenizer has none; "
+        "`default` is DEFAULT_CHAT_TEMPLATE. A tokenizer's own template is always kept.",
     )
 
     @field_validator("chat_template")
@@ -186,7 +186,8 @@ class EvaluationSettings(StrictModel):
         description="A name in post_train.judges.JUDGES; the judge's settings are the section `evaluation.<judge>`.",
     )
     backend: Literal["transformers", "vllm"] = Field(
-        default="transformers", description="Generation: transformers (batched, KV cache) or vLLM (installed separately, GPU).",
+        default="transformers",
+        description="Generation: transformers (batched, KV cache) or vLLM (installed separately, GPU).",
     )
     max_new_tokens: int = Field(default=32, ge=1)
     temperature: float = Field(default=0.0, ge=0, description="0 means greedy decoding.")
@@ -196,14 +197,21 @@ class EvaluationSettings(StrictModel):
     bootstrap_samples: int = Field(default=1000, ge=100, description="Resamples of the bootstrap confidence interval.")
     confidence: float = Field(default=0.95, gt=0.5, lt=1, description="Level of the bootstrap interval.")
     diagnostics: bool = Field(
-        default=True, description="Implicit-reward accuracy, Q-value rank correlation, KL to base and entropy (evaluate stage).",
+        default=True,
+        description="Implicit-reward accuracy, Q-value rank correlation, KL to base and entropy (evaluate stage).",
     )
-    diagnostics_max_examples: int = Field(default=200, ge=1, description="Evaluation prompts the diagnostics use at most.")
+    diagnostics_max_examples: int = Field(
+        default=200, ge=1, description="Evaluation prompts the diagnostics use at most."
+    )
     diagnostics_max_length: int | None = Field(
-        default=None, ge=2, description="Tokens of prompt and response the diagnostics score; default: the longer of sft/dpo max_length.",
+        default=None,
+        ge=2,
+        description="Tokens of prompt and response the diagnostics score; default: the longer of sft/dpo max_length.",
     )
     diagnostics_batch_size: int | None = Field(
-        default=None, ge=1, description="Sequences per diagnostics forward pass; default: sft.diagnostics_batch_size.",
+        default=None,
+        ge=1,
+        description="Sequences per diagnostics forward pass; default: sft.diagnostics_batch_size.",
     )
 
     @field_validator("judge")
@@ -217,7 +225,11 @@ class EvaluationSettings(StrictModel):
     def _judge_settings_given(self) -> "EvaluationSettings":
         """A judge with required settings needs its section; one whose settings all have defaults does not."""
         if getattr(self, self.judge) is None:
-            required = [name for name, field in judge_class(self.judge).settings_model.model_fields.items() if field.is_required()]
+            required = [
+                name
+                for name, field in judge_class(self.judge).settings_model.model_fields.items()
+                if field.is_required()
+            ]
             if required:
                 raise ValueError(f"judge {self.judge} needs evaluation.{self.judge} (at least {', '.join(required)})")
         return self
@@ -231,7 +243,7 @@ EvaluationConfig = create_model(
     "EvaluationConfig",
     __base__=EvaluationSettings,
     __module__=__name__,
-    __doc__="`evaluation`: generation, statistics, diagnostics, the judge, and each judge's section `evaluation.<name>`.",
+    __doc__="`evaluation`: generation, statistics, diagnostics, the judge, and each judge's `evaluation.<judge>`",
     **{name: (judge_class(name).settings_model | None, None) for name in JUDGES},
 )
 
@@ -241,7 +253,9 @@ class RegistryConfig(StrictModel):
     champion_alias: str = "champion"
     challenger_alias: str = Field(default="challenger", description="Alias of the newest registered version.")
     promotion_ci_lower_bound: float = Field(
-        default=0.5, ge=0, le=1,
+        default=0.5,
+        ge=0,
+        le=1,
         description="A challenger becomes champion when its head-to-head win rate against the champion is above 0.5 "
         "and the lower bound of its bootstrap confidence interval is above this.",
     )
@@ -278,7 +292,9 @@ def _known_backend(value: str) -> str:
 def _accelerate_config_exists(value: str | None) -> str | None:
     if value is None or value in available_accelerate_configs() or Path(value).is_file():
         return value
-    raise ValueError(f"{value!r} is neither a config in configs/accelerate/ ({', '.join(available_accelerate_configs())}) nor a file")
+    raise ValueError(
+        f"{value!r} is neither a config in configs/accelerate/ ({', '.join(available_accelerate_configs())}) nor a file"
+    )
 
 
 def _accelerators_format(value: str) -> str:
@@ -318,30 +334,53 @@ class ComputeConfig(StrictModel):
     """
 
     backend: Backend = Field(default="local", description="Where stages run: a name in post_train.executors.EXECUTORS.")
-    num_processes: int = Field(default=1, ge=1, description="local: processes per training stage; more than 1 uses `accelerate launch`.")
+    num_processes: int = Field(
+        default=1, ge=1, description="local: processes per training stage; more than 1 uses `accelerate launch`."
+    )
     accelerate_config: AccelerateConfig = Field(
         default=None,
         description="`accelerate launch --config_file`: a name in configs/accelerate/ (single_gpu, multi_gpu_fsdp, "
         "deepspeed_zero3) or a path to a YAML file; None uses accelerate's defaults.",
     )
     checkpoint_every: int = Field(
-        default=0, ge=0,
+        default=0,
+        ge=0,
         description="Save model, optimizer, scheduler and step every this many optimizer steps, and resume from the "
         "last save when a stage is rerun with the same cache key (a retry, a recovered spot job); 0 = never.",
     )
-    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in the backward pass (less memory).")
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass (less memory)."
+    )
     # skypilot
-    accelerators: Accelerators = Field(default="H100:8", description="skypilot: GPUs per node, SkyPilot's `NAME:COUNT`.")
-    num_nodes: int = Field(default=1, ge=1, description="skypilot: nodes of a training stage (evaluation uses one GPU).")
-    infra: str | None = Field(default=None, description="skypilot: `--infra`, e.g. aws, gcp/us-central1, k8s/my-context.")
-    use_spot: bool = Field(default=False, description="skypilot: spot instances; the managed job recovers from preemptions.")
+    accelerators: Accelerators = Field(
+        default="H100:8", description="skypilot: GPUs per node, SkyPilot's `NAME:COUNT`."
+    )
+    num_nodes: int = Field(
+        default=1, ge=1, description="skypilot: nodes of a training stage (evaluation uses one GPU)."
+    )
+    infra: str | None = Field(
+        default=None, description="skypilot: `--infra`, e.g. aws, gcp/us-central1, k8s/my-context."
+    )
+    use_spot: bool = Field(
+        default=False, description="skypilot: spot instances; the managed job recovers from preemptions."
+    )
     disk_size: int = Field(default=512, ge=50, description="skypilot: OS disk per node, GB.")
-    bucket: str | None = Field(default=None, description="skypilot: bucket (s3://..., gs://..., r2://...) mounted at remote_root.")
-    remote_root: str = Field(default="/post-train", description="skypilot: where the bucket is mounted, remotely and locally.")
-    sky_bin: str = Field(default=".sky-venv/bin/sky", description="skypilot: the `sky` CLI (`make sky-env` installs it); relative to the repository.")
-    task_yaml: str = Field(default="sky/stage.yaml", description="skypilot: the task every stage runs as; relative to the repository.")
+    bucket: str | None = Field(
+        default=None, description="skypilot: bucket (s3://..., gs://..., r2://...) mounted at remote_root."
+    )
+    remote_root: str = Field(
+        default="/post-train", description="skypilot: where the bucket is mounted, remotely and locally."
+    )
+    sky_bin: str = Field(
+        default=".sky-venv/bin/sky",
+        description="skypilot: the `sky` CLI (`make sky-env` installs it); relative to the repository.",
+    )
+    task_yaml: str = Field(
+        default="sky/stage.yaml", description="skypilot: the task every stage runs as; relative to the repository."
+    )
     stages: dict[Literal[STAGES], StagePlacement] = Field(
-        default_factory=dict, description="Per-stage placement over the settings above, e.g. {evaluate: {backend: local}}.",
+        default_factory=dict,
+        description="Per-stage placement over the settings above, e.g. {evaluate: {backend: local}}.",
     )
 
     @field_validator("bucket")
@@ -385,7 +424,9 @@ class ComputeConfig(StrictModel):
             path = Path(self.accelerate_config).resolve()
         if in_repository:
             if not path.is_relative_to(REPO_ROOT):
-                raise ConfigError(f"compute.accelerate_config {path} must be inside the repository, which is what a cloud machine gets")
+                raise ConfigError(
+                    f"compute.accelerate_config {path} must be inside the repository, which a cloud machine gets"
+                )
             return str(path.relative_to(REPO_ROOT))
         return str(path)
 
@@ -415,9 +456,11 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _evaluation_self_contained(self) -> "PipelineConfig":
-        """Resolve the diagnostics' defaults here, so the evaluate stage reads (and is keyed by) its own section only."""
-        defaults = {"diagnostics_max_length": max(self.sft.max_length, self.dpo.max_length),
-                    "diagnostics_batch_size": self.sft.diagnostics_batch_size}
+        """Resolve the diagnostics' defaults here, so the evaluate stage reads (and is keyed by) its own section."""
+        defaults = {
+            "diagnostics_max_length": max(self.sft.max_length, self.dpo.max_length),
+            "diagnostics_batch_size": self.sft.diagnostics_batch_size,
+        }
         unset = {name: value for name, value in defaults.items() if getattr(self.evaluation, name) is None}
         if unset:  # the model is frozen once built; this is still its construction
             object.__setattr__(self, "evaluation", self.evaluation.model_copy(update=unset))
@@ -432,11 +475,15 @@ class PipelineConfig(StrictModel):
             for name in ("runs_dir", "cache_dir"):
                 if not _inside(getattr(self, name), compute.remote_root):
                     problems.append(
-                        f"with compute.backend skypilot, {name} ({getattr(self, name)}) must be an absolute path inside "
+                        f"with compute.backend skypilot, {name} ({getattr(self, name)}) must be an absolute path "
+                        "inside "
                         f"compute.remote_root ({compute.remote_root}), where the bucket is mounted on every machine"
                     )
-        for stage, name, train in (("sft", "sft", self.sft), ("dpo", "dpo", self.dpo),
-                                   ("pretrain", "base_model.train", self.base_model.train)):
+        for stage, name, train in (
+            ("sft", "sft", self.sft),
+            ("dpo", "dpo", self.dpo),
+            ("pretrain", "base_model.train", self.base_model.train),
+        ):
             if stage == "pretrain" and self.model.name_or_path is not None:
                 continue  # no pretraining stage
             placed = compute.for_stage(stage)
@@ -444,8 +491,12 @@ class PipelineConfig(StrictModel):
             if train.batch_size % (train.micro_batch_size * processes):
                 problems.append(
                     f"{name}.batch_size ({train.batch_size}) must be a multiple of {name}.micro_batch_size x processes "
-                    f"({train.micro_batch_size} x {processes}" + (f" = {placed.accelerators} per node x {placed.num_nodes})"
-                                                                  if placed.backend == "skypilot" else ")")
+                    f"({train.micro_batch_size} x {processes}"
+                    + (
+                        f" = {placed.accelerators} per node x {placed.num_nodes})"
+                        if placed.backend == "skypilot"
+                        else ")"
+                    )
                 )
         if problems:
             raise ValueError("; ".join(problems))

@@ -78,7 +78,9 @@ def load_rows(source: str) -> Located:
             rows.extend(_located(str(file), _read_json_lines(file)))
             continue
         try:
-            rows.extend(_located(str(file), datasets.load_dataset(builder, data_files=str(file), split="train").to_list()))
+            rows.extend(
+                _located(str(file), datasets.load_dataset(builder, data_files=str(file), split="train").to_list())
+            )
         except Exception as error:  # pyarrow and datasets raise many types for unreadable files
             raise DataError(f"{file}: could not be read as {builder}: {error}") from error
     return rows
@@ -202,7 +204,9 @@ def prompt_and_completion_ids(
     if full_ids[: len(prompt_ids)] != prompt_ids:
         raise DataError("the tokenizer's chat template does not render the prompt as a prefix of the conversation")
     if len(prompt_ids) >= max_length:
-        raise PromptTooLong(f"a prompt of {len(prompt_ids)} tokens leaves no room for its response within max_length {max_length}")
+        raise PromptTooLong(
+            f"a prompt of {len(prompt_ids)} tokens leaves no room for its response within max_length {max_length}"
+        )
     return prompt_ids, full_ids[len(prompt_ids) : max_length]
 
 
@@ -228,6 +232,10 @@ def tokenize_examples(examples: list, encode, max_length: int, source: str) -> l
         raise DataError(f"{source}: every prompt is longer than max_length {max_length}; raise max_length")
     if skipped:
         logging.getLogger(__name__).warning(
-            "%s: left out %d of %d examples whose prompt is longer than max_length %d", source, skipped, len(examples), max_length
+            "%s: left out %d of %d examples whose prompt is longer than max_length %d",
+            source,
+            skipped,
+            len(examples),
+            max_length,
         )
     return encoded

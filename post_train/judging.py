@@ -22,22 +22,43 @@ from post_train.modeling import load_frozen
 
 def generation_settings(config: PipelineConfig) -> GenerationSettings:
     settings = config.evaluation
-    return GenerationSettings(settings.max_new_tokens, settings.temperature, settings.top_p, settings.batch_size, settings.seed)
+    return GenerationSettings(
+        settings.max_new_tokens, settings.temperature, settings.top_p, settings.batch_size, settings.seed
+    )
 
 
-def generate_for(config: PipelineConfig, model_path: str, tokenizer, examples: list[EvalExample], model=None) -> list[str]:
+def generate_for(
+    config: PipelineConfig, model_path: str, tokenizer, examples: list[EvalExample], model=None
+) -> list[str]:
     """The model's responses to every evaluation prompt, with the recipe's backend and sampling settings."""
     if config.evaluation.backend == "transformers" and model is None:
         model = load_frozen(model_path)
-    return generate(config.evaluation.backend, model_path, tokenizer, [e.prompt for e in examples], generation_settings(config), model)
+    return generate(
+        config.evaluation.backend,
+        model_path,
+        tokenizer,
+        [e.prompt for e in examples],
+        generation_settings(config),
+        model,
+    )
 
 
-def judged_metrics(config: PipelineConfig, examples: list[EvalExample], verdicts: list[Verdict], candidates: list[str],
-                   baselines: list[str]) -> dict[str, float]:
+def judged_metrics(
+    config: PipelineConfig,
+    examples: list[EvalExample],
+    verdicts: list[Verdict],
+    candidates: list[str],
+    baselines: list[str],
+) -> dict[str, float]:
     settings = config.evaluation
     return split_metrics(
-        [e.split for e in examples], [v.preference for v in verdicts], candidates, baselines,
-        settings.bootstrap_samples, settings.confidence, settings.seed,
+        [e.split for e in examples],
+        [v.preference for v in verdicts],
+        candidates,
+        baselines,
+        settings.bootstrap_samples,
+        settings.confidence,
+        settings.seed,
     )
 
 
@@ -46,8 +67,13 @@ def verdict_label(p: float, labels: tuple[str, str]) -> str:
     return labels[0] if p > 0.5 else labels[1] if p < 0.5 else "draw"
 
 
-def samples_table(examples: list[EvalExample], candidates: list[str], baselines: list[str], verdicts: list[Verdict],
-                  labels: tuple[str, str] = ("response", "reference")) -> list[dict[str, Any]]:
+def samples_table(
+    examples: list[EvalExample],
+    candidates: list[str],
+    baselines: list[str],
+    verdicts: list[Verdict],
+    labels: tuple[str, str] = ("response", "reference"),
+) -> list[dict[str, Any]]:
     """One row per prompt: the prompt, both outputs, the judge's preference and verdict, and how it decided.
 
     `labels` name the candidate's and the baseline's columns (the head-to-head: challenger, champion).
@@ -55,15 +81,22 @@ def samples_table(examples: list[EvalExample], candidates: list[str], baselines:
     candidate, baseline = labels
     rows = []
     for example, candidate_output, baseline_output, verdict in zip(examples, candidates, baselines, verdicts):
-        rows.append({
-            "split": example.split, "prompt": last_user_message(example),
-            candidate: candidate_output, baseline: baseline_output,
-            "preference": verdict.preference, "verdict": verdict_label(verdict.preference, labels),
-            "judge_source": verdict.source,
-            f"{candidate}_score": verdict.candidate_score, f"{baseline}_score": verdict.baseline_score,
-            f"{candidate}_shown_first": verdict.candidate_shown_first,
-            f"{candidate}_length": len(candidate_output), f"{baseline}_length": len(baseline_output),
-        })
+        rows.append(
+            {
+                "split": example.split,
+                "prompt": last_user_message(example),
+                candidate: candidate_output,
+                baseline: baseline_output,
+                "preference": verdict.preference,
+                "verdict": verdict_label(verdict.preference, labels),
+                "judge_source": verdict.source,
+                f"{candidate}_score": verdict.candidate_score,
+                f"{baseline}_score": verdict.baseline_score,
+                f"{candidate}_shown_first": verdict.candidate_shown_first,
+                f"{candidate}_length": len(candidate_output),
+                f"{baseline}_length": len(baseline_output),
+            }
+        )
     return rows
 
 
@@ -82,9 +115,22 @@ def plot_win_rates(metrics: dict[str, float], title: str, name: str = "win_rates
     rates = [100 * metrics[f"{prefix}win_rate/{s}"] for s in splits]
     lower = [max(0.0, rate - 100 * metrics[f"{prefix}win_rate_ci_low/{s}"]) for rate, s in zip(rates, splits)]
     upper = [max(0.0, 100 * metrics[f"{prefix}win_rate_ci_high/{s}"] - rate) for rate, s in zip(rates, splits)]
-    axis.bar([p - 0.2 for p in positions], rates, width=0.4, yerr=[lower, upper], capsize=6, color="tab:blue", label="win rate (bootstrap CI)")
-    axis.bar([p + 0.2 for p in positions], [100 * metrics[f"{prefix}lc_win_rate/{s}"] for s in splits], width=0.4,
-             color="tab:orange", label="length-controlled")
+    axis.bar(
+        [p - 0.2 for p in positions],
+        rates,
+        width=0.4,
+        yerr=[lower, upper],
+        capsize=6,
+        color="tab:blue",
+        label="win rate (bootstrap CI)",
+    )
+    axis.bar(
+        [p + 0.2 for p in positions],
+        [100 * metrics[f"{prefix}lc_win_rate/{s}"] for s in splits],
+        width=0.4,
+        color="tab:orange",
+        label="length-controlled",
+    )
     axis.set_xticks(list(positions), splits)
     axis.axhline(50, color="gray", linestyle="--", linewidth=1)
     axis.set_ylim(0, 100)

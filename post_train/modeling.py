@@ -40,7 +40,9 @@ def inference_device() -> torch.device:
 
 
 def load_frozen(
-    name_or_path: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    name_or_path: str,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
     model_class: type = AutoModelForCausalLM,
 ) -> PreTrainedModel:
     """A model that is only run, never trained (evaluation, judges, SFT's base, DPO's reference):
@@ -58,7 +60,9 @@ def load_frozen(
 
 
 def pad_token_rows(
-    rows: Sequence[Sequence[int]], pad_token_id: int, left: bool = False,
+    rows: Sequence[Sequence[int]],
+    pad_token_id: int,
+    left: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`input_ids` and `attention_mask` [B, T]: token id rows padded with `pad_token_id` to the longest.
 
@@ -114,7 +118,9 @@ def target_logprobs(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torc
 
 @torch.no_grad()
 def entropy_and_kl_of_batch(
-    model: torch.nn.Module, reference: torch.nn.Module | None, batch: dict[str, Any],
+    model: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    batch: dict[str, Any],
 ) -> dict[str, float]:
     """`entropy`: mean token entropy of `model`, and `kl`: exact token KL(model || reference) (when a
     reference is given), over the counted positions (`loss_mask`) of a padded batch (`pad_collate`)."""

@@ -50,8 +50,13 @@ def examples_fingerprint(examples: list[dict[str, Any]]) -> str:
 
 @torch.no_grad()
 def _compute(
-    model: torch.nn.Module, examples: list[dict[str, Any]], collate: Callable, batch_size: int, device,
-    rank: int = 0, processes: int = 1,
+    model: torch.nn.Module,
+    examples: list[dict[str, Any]],
+    collate: Callable,
+    batch_size: int,
+    device,
+    rank: int = 0,
+    processes: int = 1,
 ) -> dict[int, list[list[float]]]:
     """Rows of every `processes`-th batch from `rank` on, keyed by the batch's first example."""
     rows: dict[int, list[list[float]]] = {}
@@ -60,7 +65,9 @@ def _compute(
         chunk = examples[start : start + batch_size]
         batch = to_device(collate(chunk), device)
         logps, _ = target_logprobs(model, batch)
-        rows[start] = [row[: len(example["input_ids"]) - 1].tolist() for row, example in zip(logps.float().cpu(), chunk)]
+        rows[start] = [
+            row[: len(example["input_ids"]) - 1].tolist() for row, example in zip(logps.float().cpu(), chunk)
+        ]
     return rows
 
 

@@ -38,7 +38,7 @@ class TrainedModel:
 @dataclass(frozen=True)
 class Evaluation:
     metrics: dict[str, float]
-    """`win_rate/<split>`, `win_rate_se/<split>`, `lc_win_rate/<split>`, ... with split `all` overall, and diagnostics."""
+    """`win_rate/<split>`, `win_rate_se/<split>`, `lc_win_rate/<split>`, ... (split `all` overall), and diagnostics."""
     run_id: str
     cache_hit: bool = False
 

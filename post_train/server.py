@@ -65,19 +65,27 @@ def start_server(
     if prefect_home is not None:
         env["PREFECT_HOME"] = str(prefect_home)
     return subprocess.Popen(
-        server_command(host, port), env=env, stdout=log, stderr=subprocess.STDOUT if log is not None else None,
-        stdin=subprocess.DEVNULL, start_new_session=True,  # the terminal's Ctrl-C reaches us, not it: we stop it
+        server_command(host, port),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT if log is not None else None,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # the terminal's Ctrl-C reaches us, not it: we stop it
     )
 
 
-def wait_until_healthy(api_url: str, process: subprocess.Popen | None = None, timeout: float = STARTUP_TIMEOUT_S) -> None:
+def wait_until_healthy(
+    api_url: str, process: subprocess.Popen | None = None, timeout: float = STARTUP_TIMEOUT_S
+) -> None:
     """Poll `/api/health` until it answers; fail early if `process` (the server) exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if is_healthy(api_url):
             return
         if process is not None and process.poll() is not None:
-            raise ServerError(f"`{' '.join(process.args)}` exited with status {process.returncode} before {api_url} was healthy")
+            raise ServerError(
+                f"`{' '.join(process.args)}` exited with status {process.returncode} before {api_url} was healthy"
+            )
         time.sleep(0.5)
     raise ServerError(f"{api_url}/health did not answer within {timeout:.0f} s")
 

@@ -62,39 +62,55 @@ def _optional_model(path: str | None) -> str | None:
 
 PREPARE = Stage("prepare", "tasks.prepare", retry_delays=(5, 30))
 PRETRAIN = Stage(
-    "pretrain", "tasks.pretrain", distributed=True,
+    "pretrain",
+    "tasks.pretrain",
+    distributed=True,
     key=lambda config, a: {"base_model": config.base_model.model_dump(mode="json"), "data_hash": a["data"].data_hash},
 )
 SFT = Stage(
-    "sft", "tasks.sft", distributed=True,
+    "sft",
+    "tasks.sft",
+    distributed=True,
     key=lambda config, a: {
-        "sft": config.sft.model_dump(mode="json"), "mixed_precision": config.mixed_precision,
-        "base_model": model_fingerprint(a["base_model_path"]), "chat_template": config.model.chat_template,
+        "sft": config.sft.model_dump(mode="json"),
+        "mixed_precision": config.mixed_precision,
+        "base_model": model_fingerprint(a["base_model_path"]),
+        "chat_template": config.model.chat_template,
         "data_hash": a["data"].data_hash,
     },
 )
 DPO = Stage(
-    "dpo", "tasks.dpo", distributed=True,
+    "dpo",
+    "tasks.dpo",
+    distributed=True,
     key=lambda config, a: {
-        "dpo": config.dpo.model_dump(mode="json"), "mixed_precision": config.mixed_precision,
-        "sft_model": model_fingerprint(a["sft_model_path"]), "data_hash": a["data"].data_hash,
+        "dpo": config.dpo.model_dump(mode="json"),
+        "mixed_precision": config.mixed_precision,
+        "sft_model": model_fingerprint(a["sft_model_path"]),
+        "data_hash": a["data"].data_hash,
     },
 )
 EVALUATE = Stage(
-    "evaluate", "tasks.evaluate",
+    "evaluate",
+    "tasks.evaluate",
     key=lambda config, a: {
-        "evaluation": config.evaluation.model_dump(mode="json"), "judge": judge_fingerprint(config.evaluation),
-        "model": model_fingerprint(a["model_path"]), "data_hash": a["data"].data_hash,
+        "evaluation": config.evaluation.model_dump(mode="json"),
+        "judge": judge_fingerprint(config.evaluation),
+        "model": model_fingerprint(a["model_path"]),
+        "data_hash": a["data"].data_hash,
         "reference_model": _optional_model(a.get("reference_model_path")),
         "base_model": _optional_model(a.get("base_model_path")),
     },
 )
 FETCH_CHAMPION = Stage("fetch-champion", "tasks.fetch_champion", retry_delays=(5, 30))
 HEAD_TO_HEAD = Stage(
-    "head-to-head", "tasks.head_to_head",
+    "head-to-head",
+    "tasks.head_to_head",
     key=lambda config, a: {
-        "evaluation": config.evaluation.model_dump(mode="json"), "judge": judge_fingerprint(config.evaluation),
-        "candidate": model_fingerprint(a["candidate_path"]), "baseline": model_fingerprint(a["baseline_path"]),
+        "evaluation": config.evaluation.model_dump(mode="json"),
+        "judge": judge_fingerprint(config.evaluation),
+        "candidate": model_fingerprint(a["candidate_path"]),
+        "baseline": model_fingerprint(a["baseline_path"]),
         "data_hash": a["data"].data_hash,
     },
 )

@@ -60,7 +60,10 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def log_params_and_metrics(
-    client: MlflowClient, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+    client: MlflowClient,
+    run_id: str,
+    params: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> None:
     """Params (values cut to MLflow's limit, 6000 characters) and metrics (step 0, timestamped now) on a run.
 
@@ -86,7 +89,9 @@ NO_RUN = SimpleNamespace(info=SimpleNamespace(run_id=""))
 
 @contextmanager
 def stage_run(
-    stage: str, parent_run_id: str | None, params: dict[str, Any] | None = None,
+    stage: str,
+    parent_run_id: str | None,
+    params: dict[str, Any] | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """A child run of the flow's run for one stage, on rank 0 only; marked FAILED if the stage raises."""
     if not is_main_process():

@@ -128,12 +128,14 @@ def train(
     if deepspeed:
         # DeepSpeed steps the optimizer inside `backward` and divides the loss by its own
         # accumulation count: give it ours, and the gradient clipping, before `prepare`.
-        accelerator.state.deepspeed_plugin.deepspeed_config.update({
-            "gradient_accumulation_steps": accumulation,
-            "train_micro_batch_size_per_gpu": config.micro_batch_size,
-            "train_batch_size": config.batch_size,
-            "gradient_clipping": config.max_grad_norm,
-        })
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            {
+                "gradient_accumulation_steps": accumulation,
+                "train_micro_batch_size_per_gpu": config.micro_batch_size,
+                "train_batch_size": config.batch_size,
+                "gradient_clipping": config.max_grad_norm,
+            }
+        )
     if gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

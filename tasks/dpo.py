@@ -26,7 +26,9 @@ from post_train.training import StepOutput, frozen_dtype, make_accelerator, save
 DPO_CURVES = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "learning_rate"]
 
 
-def pair_examples(tokenizer, examples: list[PreferenceExample], max_length: int, source: str = "preference data") -> list[dict[str, Any]]:
+def pair_examples(
+    tokenizer, examples: list[PreferenceExample], max_length: int, source: str = "preference data"
+) -> list[dict[str, Any]]:
     def encode(pair: PreferenceExample) -> dict[str, Any]:
         return {
             "chosen": completion_example(tokenizer, pair.prompt, pair.chosen, max_length),
@@ -51,7 +53,9 @@ def pair_collate(pad_token_id: int):
     return collate
 
 
-def sequence_logps(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def sequence_logps(
+    model: torch.nn.Module, batch: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed response log-probs and response lengths of the chosen and rejected halves."""
     logps, mask = target_logprobs(model, batch)
     sums = (logps * mask).sum(-1)
@@ -69,7 +73,11 @@ def add_reference_logps(pairs: list[dict[str, Any]], rows: list[list[float]]) ->
 
 
 def run(
-    config: PipelineConfig, sft_model_path: str, data: PreparedData, output_dir: str, parent_run_id: str | None = None,
+    config: PipelineConfig,
+    sft_model_path: str,
+    data: PreparedData,
+    output_dir: str,
+    parent_run_id: str | None = None,
     checkpoint_dir: str | None = None,
 ) -> TrainedModel:
     """DPO of `sft_model_path` on `data.preferences`; the model goes to `output_dir`/model.
@@ -79,26 +87,39 @@ def run(
     settings = config.dpo
     loss = preference_loss(settings.loss, **settings.loss_params)
     tokenizer = load_tokenizer(sft_model_path)
-    pairs = pair_examples(tokenizer, load_dataset_checked(data.preferences, "preferences"), settings.max_length, data.preferences)
+    pairs = pair_examples(
+        tokenizer, load_dataset_checked(data.preferences, "preferences"), settings.max_length, data.preferences
+    )
     collate = pair_collate(tokenizer.pad_token_id)
     accelerator = make_accelerator(config.mixed_precision)
     reference_cache_hit = None
     if loss.needs_ref:
         sequences = [pair["chosen"] for pair in pairs] + [pair["rejected"] for pair in pairs]
         rows, reference_cache_hit = reference_logps(
-            lambda: load_frozen(sft_model_path, accelerator.device, frozen_dtype(accelerator)), sft_model_path,
-            sequences, pad_collate(tokenizer.pad_token_id), 2 * settings.micro_batch_size, Path(config.cache_dir),
-            accelerator.device, accelerator,
+            lambda: load_frozen(sft_model_path, accelerator.device, frozen_dtype(accelerator)),
+            sft_model_path,
+            sequences,
+            pad_collate(tokenizer.pad_token_id),
+            2 * settings.micro_batch_size,
+            Path(config.cache_dir),
+            accelerator.device,
+            accelerator,
         )
         add_reference_logps(pairs, rows)
     model = load_model(sft_model_path)
 
     def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
         chosen, rejected, chosen_lengths, rejected_lengths = sequence_logps(model, batch)
-        out = loss(PairLogps(
-            chosen, rejected, batch.get("ref_chosen"), batch.get("ref_rejected"),
-            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-        ))
+        out = loss(
+            PairLogps(
+                chosen,
+                rejected,
+                batch.get("ref_chosen"),
+                batch.get("ref_rejected"),
+                chosen_lengths=chosen_lengths,
+                rejected_lengths=rejected_lengths,
+            )
+        )
         pairs_in_batch = chosen.shape[0]
         sums = {name: value * pairs_in_batch for name, value in preference_metrics(out).items()}
         sums["logps/chosen"] = float(chosen.detach().sum())

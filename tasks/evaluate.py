@@ -34,8 +34,13 @@ def plot_diagnostics(metrics: dict[str, float], title: str) -> None:
     panels = [
         ("KL to base (nats/token)", {"sft": "kl_to_base/sft", "dpo": "kl_to_base/dpo"}),
         ("entropy (nats/token)", {"base": "entropy/base", "sft": "entropy/sft", "dpo": "entropy/dpo"}),
-        ("implicit-reward accuracy (all)", {"dpo vs sft": f"implicit_reward_accuracy/dpo_vs_sft/{ALL}",
-                                            "sft vs base": f"implicit_reward_accuracy/sft_vs_base/{ALL}"}),
+        (
+            "implicit-reward accuracy (all)",
+            {
+                "dpo vs sft": f"implicit_reward_accuracy/dpo_vs_sft/{ALL}",
+                "sft vs base": f"implicit_reward_accuracy/sft_vs_base/{ALL}",
+            },
+        ),
     ]
     panels = [(label, {k: metrics[v] for k, v in keys.items() if v in metrics}) for label, keys in panels]
     panels = [(label, values) for label, values in panels if values]
@@ -65,14 +70,22 @@ def spread(examples: list[EvalExample], count: int) -> list[EvalExample]:
 def fits(tokenizer, example: EvalExample, max_length: int) -> bool:
     """Whether the prompt leaves room for a response within `max_length` tokens."""
     try:
-        prompt_and_completion_ids(tokenizer, example.prompt, [{"role": "assistant", "content": example.reference}], max_length)
+        prompt_and_completion_ids(
+            tokenizer, example.prompt, [{"role": "assistant", "content": example.reference}], max_length
+        )
     except PromptTooLong:
         return False
     return True
 
 
-def diagnostics(config: PipelineConfig, model, tokenizer, examples: list[EvalExample],
-                reference_model_path: str | None, base_model_path: str | None) -> dict[str, float]:
+def diagnostics(
+    config: PipelineConfig,
+    model,
+    tokenizer,
+    examples: list[EvalExample],
+    reference_model_path: str | None,
+    base_model_path: str | None,
+) -> dict[str, float]:
     """KL/entropy of each final model; implicit-reward accuracy and the Q-value rank check (demo world)."""
     length = config.evaluation.diagnostics_max_length
     chosen = [e for e in spread(examples, config.evaluation.diagnostics_max_examples) if fits(tokenizer, e, length)]
@@ -113,8 +126,13 @@ def diagnostics(config: PipelineConfig, model, tokenizer, examples: list[EvalExa
 
 
 def run(
-    config: PipelineConfig, model_path: str, data: PreparedData, output_dir: str, parent_run_id: str | None = None,
-    reference_model_path: str | None = None, base_model_path: str | None = None,
+    config: PipelineConfig,
+    model_path: str,
+    data: PreparedData,
+    output_dir: str,
+    parent_run_id: str | None = None,
+    reference_model_path: str | None = None,
+    base_model_path: str | None = None,
 ) -> Evaluation:
     """Win rates of `model_path` against the references of `data.eval`, and diagnostics against
     `reference_model_path` (SFT) and `base_model_path` when given; samples go to `output_dir` too."""
@@ -125,8 +143,13 @@ def run(
     if settings.backend == "vllm":
         import_vllm()  # refuse before any work when it is missing
     judge: Judge = make_judge(settings, config.cache_dir)
-    params = {"evaluation": settings.model_dump(mode="json"), "judge": judge.describe(), "model": model_path,
-              "reference_model": reference_model_path or "none", "base_model": base_model_path or "none"}
+    params = {
+        "evaluation": settings.model_dump(mode="json"),
+        "judge": judge.describe(),
+        "model": model_path,
+        "reference_model": reference_model_path or "none",
+        "base_model": base_model_path or "none",
+    }
     try:
         judge.check(examples)  # refuse before any work
         with stage_run("evaluate", parent_run_id, params) as run:

@@ -21,7 +21,9 @@ def run(config: PipelineConfig, output_dir: str) -> Champion | None:
     destination = Path(output_dir) / f"champion-v{champion.version}"
     destination.mkdir(parents=True, exist_ok=True)
     path = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{name}/{champion.version}", dst_path=str(destination),
-        tracking_uri=tracking_uri(), registry_uri=tracking_uri(),
+        artifact_uri=f"models:/{name}/{champion.version}",
+        dst_path=str(destination),
+        tracking_uri=tracking_uri(),
+        registry_uri=tracking_uri(),
     )
     return Champion(version=str(champion.version), path=path)

@@ -19,27 +19,41 @@ from post_train.tracking import stage_run
 
 
 def run(
-    config: PipelineConfig, candidate_path: str, baseline_path: str, data: PreparedData, output_dir: str,
+    config: PipelineConfig,
+    candidate_path: str,
+    baseline_path: str,
+    data: PreparedData,
+    output_dir: str,
     parent_run_id: str | None = None,
 ) -> HeadToHead:
     """Win rate of the model at `candidate_path` against the one at `baseline_path` on the evaluation prompts."""
     examples = load_dataset_checked(data.eval, "eval")
     judge = make_judge(config.evaluation, config.cache_dir)
     judge.check(examples)
-    params = {"challenger": candidate_path, "champion": baseline_path, "judge": judge.describe(),
-              "evaluation": config.evaluation.model_dump(mode="json")}
+    params = {
+        "challenger": candidate_path,
+        "champion": baseline_path,
+        "judge": judge.describe(),
+        "evaluation": config.evaluation.model_dump(mode="json"),
+    }
     try:
         with stage_run("head-to-head", parent_run_id, params) as run:
             candidates = generate_for(config, candidate_path, load_tokenizer(candidate_path), examples)
             baselines = generate_for(config, baseline_path, load_tokenizer(baseline_path), examples)
             verdicts = judge.judge([e.prompt for e in examples], candidates, baselines)
-            metrics = {f"{HEAD_TO_HEAD}{key}": value
-                       for key, value in judged_metrics(config, examples, verdicts, candidates, baselines).items()}
+            metrics = {
+                f"{HEAD_TO_HEAD}{key}": value
+                for key, value in judged_metrics(config, examples, verdicts, candidates, baselines).items()
+            }
             mlflow.log_metrics(metrics)
-            log_samples(samples_table(examples, candidates, baselines, verdicts, labels=("challenger", "champion")),
-                        "head_to_head_samples.json", output_dir)
-            plot_win_rates(metrics, f"challenger vs champion ({config.evaluation.judge} judge)", "head_to_head.png",
-                           HEAD_TO_HEAD)
+            log_samples(
+                samples_table(examples, candidates, baselines, verdicts, labels=("challenger", "champion")),
+                "head_to_head_samples.json",
+                output_dir,
+            )
+            plot_win_rates(
+                metrics, f"challenger vs champion ({config.evaluation.judge} judge)", "head_to_head.png", HEAD_TO_HEAD
+            )
             return HeadToHead(metrics=metrics, run_id=run.info.run_id)
     finally:
         judge.close()

@@ -20,7 +20,9 @@ from post_train.world.generate import iter_world_texts
 from post_train.world.model import tiny_llama_config, train_tokenizer
 
 
-def _pretrain(config: PipelineConfig, corpus: Path, directory: Path, checkpoint_dir: str | None = None) -> dict[str, float]:
+def _pretrain(
+    config: PipelineConfig, corpus: Path, directory: Path, checkpoint_dir: str | None = None
+) -> dict[str, float]:
     settings = config.base_model
     tokenizer = train_tokenizer(iter_world_texts(corpus.parent), settings.vocab_size)
     model_config = tiny_llama_config(
@@ -36,7 +38,11 @@ def _pretrain(config: PipelineConfig, corpus: Path, directory: Path, checkpoint_
     limit = settings.train.max_length
     dataset = []
     for document in documents:
-        ids = [tokenizer.bos_token_id, *tokenizer(document, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        ids = [
+            tokenizer.bos_token_id,
+            *tokenizer(document, add_special_tokens=False)["input_ids"],
+            tokenizer.eos_token_id,
+        ]
         dataset.append({"input_ids": ids[:limit], "loss_mask": [True] * min(len(ids), limit)})
     nll = sft_objective("nll")
 
@@ -61,17 +67,24 @@ def _pretrain(config: PipelineConfig, corpus: Path, directory: Path, checkpoint_
         gradient_checkpointing=config.compute.gradient_checkpointing,
     )
     save_checkpoint(accelerator, model, tokenizer, directory)
-    log_curves(history, ["loss", "learning_rate", "grad_norm"], "pretrain_curves.png", "Pretraining the demo base model")
+    log_curves(
+        history, ["loss", "learning_rate", "grad_norm"], "pretrain_curves.png", "Pretraining the demo base model"
+    )
     return {"loss_first": history[0]["loss"], "loss_final": history[-1]["loss"]}
 
 
 def run(
-    config: PipelineConfig, data: PreparedData, output_dir: str, parent_run_id: str | None = None,
+    config: PipelineConfig,
+    data: PreparedData,
+    output_dir: str,
+    parent_run_id: str | None = None,
     checkpoint_dir: str | None = None,
 ) -> TrainedModel:
     """Pretrain the demo base model (tokenizer and tiny Llama) into `output_dir`/model (rank 0 logs to MLflow)."""
     if data.pretrain_corpus is None:
-        raise ValueError("the demo base model needs a demo world (data.world) to pretrain on, or set model.name_or_path")
+        raise ValueError(
+            "the demo base model needs a demo world (data.world) to pretrain on, or set model.name_or_path"
+        )
     with stage_run("pretrain", parent_run_id, {"base_model": config.base_model.model_dump(mode="json")}) as run:
         metrics = _pretrain(config, Path(data.pretrain_corpus), Path(output_dir) / "model", checkpoint_dir)
         if is_main_process():

@@ -54,13 +54,21 @@ def _percent(value: float | None) -> str:
 
 
 def model_card(
-    config: PipelineConfig, data_hash: str, commit: str, win_rate: float, metrics: dict[str, float] | None,
-    comparison: HeadToHead | None, champion_version: str | None, promote: bool, reason: str,
+    config: PipelineConfig,
+    data_hash: str,
+    commit: str,
+    win_rate: float,
+    metrics: dict[str, float] | None,
+    comparison: HeadToHead | None,
+    champion_version: str | None,
+    promote: bool,
+    reason: str,
 ) -> str:
     """A short markdown model card: what was trained on what, and how it scored."""
     lines = [
         f"**{config.registry.model_name}** — recipe `{config.recipe}` at scale `{config.scale}` "
-        f"(SFT `{config.sft.objective}` lr {config.sft.learning_rate:g}, DPO `{config.dpo.loss}` {config.dpo.loss_params}).",
+        f"(SFT `{config.sft.objective}` lr {config.sft.learning_rate:g}, "
+        f"DPO `{config.dpo.loss}` {config.dpo.loss_params}).",
         "",
         f"- data hash: `{data_hash}`",
         f"- git commit: `{commit}`",
@@ -73,13 +81,15 @@ def model_card(
     ]
     if metrics:
         for split in splits_in(metrics):
+
             def get(key: str, split: str = split) -> float | None:
                 return metrics.get(f"{key}/{split}")
 
             lines.append(
                 f"| {split} | {_percent(get('win_rate'))} | {_percent(get('win_rate_se'))} | "
-                f"{_percent(get('win_rate_ci_low'))}–{_percent(get('win_rate_ci_high'))} | {_percent(get('win_rate_discrete'))} | "
-                f"{_percent(get('lc_win_rate'))} | {get('avg_length') or 0:.0f} ({get('reference_avg_length') or 0:.0f}) | "
+                f"{_percent(get('win_rate_ci_low'))}–{_percent(get('win_rate_ci_high'))} | "
+                f"{_percent(get('win_rate_discrete'))} | {_percent(get('lc_win_rate'))} | "
+                f"{get('avg_length') or 0:.0f} ({get('reference_avg_length') or 0:.0f}) | "
                 f"{int(get('num_prompts') or 0)} |"
             )
     else:
@@ -115,7 +125,9 @@ def run(
     name, alias = registry.model_name, registry.champion_alias
     client = MlflowClient(tracking_uri())
     if champion is not None and comparison is None:
-        raise ValueError(f"a champion ({name} version {champion.version}) exists: registering needs the head-to-head against it")
+        raise ValueError(
+            f"a champion ({name} version {champion.version}) exists: registering needs the head-to-head against it"
+        )
     promote, reason = promotion_decision(comparison, registry.promotion_ci_lower_bound)
     commit = git_commit()
     with stage_run("register", parent_run_id) as run:
@@ -139,12 +151,31 @@ def run(
             if metrics and f"{key}/{ALL}" in metrics:
                 tags[key] = f"{metrics[f'{key}/{ALL}']:.4f}"
         if comparison is not None:
-            tags.update({"head_to_head_vs": str(champion.version), "head_to_head_win_rate": f"{comparison.win_rate:.4f}",
-                         "head_to_head_ci_low": f"{comparison.ci_low:.4f}", "head_to_head_ci_high": f"{comparison.ci_high:.4f}"})
-        card = model_card(config, data_hash, commit, win_rate, metrics, comparison,
-                          str(champion.version) if champion else None, promote, reason)
+            tags.update(
+                {
+                    "head_to_head_vs": str(champion.version),
+                    "head_to_head_win_rate": f"{comparison.win_rate:.4f}",
+                    "head_to_head_ci_low": f"{comparison.ci_low:.4f}",
+                    "head_to_head_ci_high": f"{comparison.ci_high:.4f}",
+                }
+            )
+        card = model_card(
+            config,
+            data_hash,
+            commit,
+            win_rate,
+            metrics,
+            comparison,
+            str(champion.version) if champion else None,
+            promote,
+            reason,
+        )
         version = client.create_model_version(
-            name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags, description=card,
+            name,
+            source=f"{run.info.artifact_uri}/model",
+            run_id=run.info.run_id,
+            tags=tags,
+            description=card,
         )
         client.set_registered_model_alias(name, registry.challenger_alias, version.version)
         if promote:

@@ -36,9 +36,14 @@ from post_train.training import StepOutput, frozen_dtype, make_accelerator, save
 SFT_CURVES = ["loss", "mean_token_weight", "kl_to_base", "entropy", "learning_rate", "grad_norm"]
 
 
-def sft_examples(tokenizer, examples: list[SFTExample], max_length: int, source: str = "sft data") -> list[dict[str, Any]]:
+def sft_examples(
+    tokenizer, examples: list[SFTExample], max_length: int, source: str = "sft data"
+) -> list[dict[str, Any]]:
     return tokenize_examples(
-        examples, lambda e: completion_example(tokenizer, e.messages[:-1], e.messages[-1:], max_length), max_length, source
+        examples,
+        lambda e: completion_example(tokenizer, e.messages[:-1], e.messages[-1:], max_length),
+        max_length,
+        source,
     )
 
 
@@ -54,7 +59,11 @@ def held_out_batch(tokenizer, examples: list[EvalExample], size: int, max_length
 
 
 def run(
-    config: PipelineConfig, base_model_path: str, data: PreparedData, output_dir: str, parent_run_id: str | None = None,
+    config: PipelineConfig,
+    base_model_path: str,
+    data: PreparedData,
+    output_dir: str,
+    parent_run_id: str | None = None,
     checkpoint_dir: str | None = None,
 ) -> TrainedModel:
     """SFT of `base_model_path` on `data.sft`; the model goes to `output_dir`/model.
@@ -71,14 +80,24 @@ def run(
     reference_cache_hit = None
     if objective.needs_ref:
         ref_rows, reference_cache_hit = reference_logps(
-            lambda: base, base_model_path, dataset, collate, settings.micro_batch_size, Path(config.cache_dir),
-            accelerator.device, accelerator,
+            lambda: base,
+            base_model_path,
+            dataset,
+            collate,
+            settings.micro_batch_size,
+            Path(config.cache_dir),
+            accelerator.device,
+            accelerator,
         )
         for example, ref_row in zip(dataset, ref_rows):
             example["ref_logps"] = ref_row
     model = load_model(base_model_path)
     diagnostics_batch = held_out_batch(
-        tokenizer, load_dataset_checked(data.eval, "eval"), settings.diagnostics_batch_size, settings.max_length, accelerator.device
+        tokenizer,
+        load_dataset_checked(data.eval, "eval"),
+        settings.diagnostics_batch_size,
+        settings.max_length,
+        accelerator.device,
     )
 
     def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
@@ -96,7 +115,9 @@ def run(
             for batch in group:
                 batch["old_logps"] = target_logprobs(model, batch)[0]
 
-    with stage_run("sft", parent_run_id, {"sft": settings.model_dump(mode="json"), "base_model": base_model_path}) as run:
+    with stage_run(
+        "sft", parent_run_id, {"sft": settings.model_dump(mode="json"), "base_model": base_model_path}
+    ) as run:
         main = is_main_process()
         if reference_cache_hit is not None and main:
             mlflow.set_tag("reference_logps_cache_hit", str(reference_cache_hit).lower())
@@ -118,7 +139,9 @@ def run(
             gradient_checkpointing=config.compute.gradient_checkpointing,
         )
         path = save_checkpoint(accelerator, model, tokenizer, Path(output_dir) / "model")
-        log_curves(history, SFT_CURVES, "sft_curves.png", f"SFT with {settings.objective}, lr {settings.learning_rate:g}")
+        log_curves(
+            history, SFT_CURVES, "sft_curves.png", f"SFT with {settings.objective}, lr {settings.learning_rate:g}"
+        )
         final = history[-1]
         metrics = {
             "loss_first": history[0]["loss"],

@@ -30,8 +30,11 @@ def make_dvc_repo(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(REPO_ROOT / name, directory / name)
-    shutil.copytree(REPO_ROOT / "post_train" / "world", directory / "post_train" / "world",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO_ROOT / "post_train" / "world",
+        directory / "post_train" / "world",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=directory, check=True)
     return directory
 

@@ -35,8 +35,14 @@ def sky_config(tmp_path: Path, **compute):
     root.mkdir(exist_ok=True)
     sky_bin = tmp_path / "sky"
     sky_bin.touch()
-    overrides = {"compute.backend": "skypilot", "compute.bucket": "s3://my-bucket", "compute.remote_root": str(root),
-                 "compute.sky_bin": str(sky_bin), "runs_dir": str(root / "runs"), "cache_dir": str(root / "cache")}
+    overrides = {
+        "compute.backend": "skypilot",
+        "compute.bucket": "s3://my-bucket",
+        "compute.remote_root": str(root),
+        "compute.sky_bin": str(sky_bin),
+        "runs_dir": str(root / "runs"),
+        "cache_dir": str(root / "cache"),
+    }
     for section in ("sft", "dpo", "base_model.train"):  # global batches that split over 4 nodes x 8 GPUs
         overrides.update({f"{section}.batch_size": 64, f"{section}.micro_batch_size": 1})
     overrides.update({f"compute.{key}": value for key, value in compute.items()})
@@ -90,20 +96,33 @@ VALIDATE = textwrap.dedent("""
 
 def test_every_sky_yaml_validates_and_every_sky_command_parses_with_skypilot(tmp_path: Path):
     if not SKY_PYTHON.is_file():
-        pytest.skip(f"no SkyPilot virtual environment at {SKY_PYTHON.parent.parent}: run `make sky-env` (or `make test-sky`)")
+        pytest.skip(
+            f"no SkyPilot virtual environment at {SKY_PYTHON.parent.parent}: run `make sky-env` (or `make test-sky`)"
+        )
     broken = tmp_path / "broken.yaml"
     broken.write_text("resources:\n  accelerators: H100:8\n  disk: 100\nrun: echo\n")  # `disk` is not SkyPilot's key
     yamls = sorted(str(path) for path in (REPO_ROOT / "sky").glob("*.yaml"))
     assert yamls, "sky/ holds no task YAML"
-    config = sky_config(tmp_path, num_nodes=2, infra="gcp/us-central1", use_spot=True, accelerate_config="deepspeed_zero3")
+    config = sky_config(
+        tmp_path, num_nodes=2, infra="gcp/us-central1", use_spot=True, accelerate_config="deepspeed_zero3"
+    )
     environ = {"MLFLOW_TRACKING_URI": REMOTE_URI, "HF_TOKEN": "hf_x"}
-    commands = [skypilot.submit_command(config, "tasks.dpo", "/b/in.json", "/b/out.json", "post-train-dpo-1", True, environ),
-                skypilot.logs_command(config, "post-train-dpo-1"), skypilot.queue_command(config),
-                skypilot.cancel_command(config, "post-train-dpo-1")]
+    commands = [
+        skypilot.submit_command(config, "tasks.dpo", "/b/in.json", "/b/out.json", "post-train-dpo-1", True, environ),
+        skypilot.logs_command(config, "post-train-dpo-1"),
+        skypilot.queue_command(config),
+        skypilot.cancel_command(config, "post-train-dpo-1"),
+    ]
     payload = {"yamls": [*yamls, str(broken)], "commands": [command[1:] for command in commands], "environ": environ}
     env = {**os.environ, "SKYPILOT_DISABLE_USAGE_COLLECTION": "1", "SKYPILOT_DISABLE_LOCAL_API_SERVER": "1"}
-    completed = subprocess.run([str(SKY_PYTHON), "-c", VALIDATE], input=json.dumps(payload), env=env,
-                               capture_output=True, text=True, timeout=120)
+    completed = subprocess.run(
+        [str(SKY_PYTHON), "-c", VALIDATE],
+        input=json.dumps(payload),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert completed.returncode == 0, completed.stderr[-2000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -120,33 +139,55 @@ def test_every_sky_yaml_validates_and_every_sky_command_parses_with_skypilot(tmp
     launch_, logs, queue, cancel = result["commands"]
     assert launch_["command"] == "launch" and launch_["params"]["entrypoint"] == [str(REPO_ROOT / "sky" / "stage.yaml")]
     params = launch_["params"]
-    assert (params["name"], params["yes"], params["detach_run"], params["num_nodes"], params["gpus"], params["use_spot"],
-            params["infra"], params["disk_size"]) == ("post-train-dpo-1", True, True, 2, "H100:8", True, "gcp/us-central1", 512)
+    assert (
+        params["name"],
+        params["yes"],
+        params["detach_run"],
+        params["num_nodes"],
+        params["gpus"],
+        params["use_spot"],
+        params["infra"],
+        params["disk_size"],
+    ) == ("post-train-dpo-1", True, True, 2, "H100:8", True, "gcp/us-central1", 512)
     assert dict(params["env"])["MLFLOW_TRACKING_URI"] == REMOTE_URI  # read from the environment by SkyPilot
     assert dict(params["env"])["ACCELERATE_CONFIG"] == "configs/accelerate/deepspeed_zero3.yaml"
     assert dict(params["secret"]) == {"HF_TOKEN": "hf_x"}
     assert (logs["command"], logs["params"]["name"], logs["params"]["follow"]) == ("logs", "post-train-dpo-1", True)
     assert (queue["command"], queue["params"]["all"], queue["params"]["output_format"]) == ("queue", True, "json")
-    assert (cancel["command"], cancel["params"]["name"], cancel["params"]["yes"]) == ("cancel", "post-train-dpo-1", True)
+    assert (cancel["command"], cancel["params"]["name"], cancel["params"]["yes"]) == (
+        "cancel",
+        "post-train-dpo-1",
+        True,
+    )
 
 
 def test_the_task_declares_every_variable_the_launcher_sets(tmp_path: Path):
     declared = yaml.safe_load((REPO_ROOT / "sky" / "stage.yaml").read_text())["envs"]
-    command = skypilot.submit_command(sky_config(tmp_path), "tasks.sft", "in.json", "out.json", "job", True,
-                                   {"MLFLOW_TRACKING_URI": REMOTE_URI})
+    command = skypilot.submit_command(
+        sky_config(tmp_path), "tasks.sft", "in.json", "out.json", "job", True, {"MLFLOW_TRACKING_URI": REMOTE_URI}
+    )
     assert set(envs(command)) <= set(declared)
 
 
 # --- the sky commands ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("nodes", [1, 2, 4])
-@pytest.mark.parametrize(("stage", "module", "distributed"), [
-    ("pretrain", "tasks.pretrain", True), ("sft", "tasks.sft", True), ("dpo", "tasks.dpo", True),
-    ("evaluate", "tasks.evaluate", False),
-])
+@pytest.mark.parametrize(
+    ("stage", "module", "distributed"),
+    [
+        ("pretrain", "tasks.pretrain", True),
+        ("sft", "tasks.sft", True),
+        ("dpo", "tasks.dpo", True),
+        ("evaluate", "tasks.evaluate", False),
+    ],
+)
 def test_the_launch_command_for_each_stage_and_node_count(tmp_path: Path, stage, module, distributed, nodes):
     config = sky_config(tmp_path, num_nodes=nodes, accelerate_config="multi_gpu_fsdp", use_spot=True, infra="aws")
-    inputs, outputs = tmp_path / "bucket" / "runs" / stage / "inputs.json", tmp_path / "bucket" / "runs" / stage / "outputs.json"
+    inputs, outputs = (
+        tmp_path / "bucket" / "runs" / stage / "inputs.json",
+        tmp_path / "bucket" / "runs" / stage / "outputs.json",
+    )
     environ = {"MLFLOW_TRACKING_URI": REMOTE_URI, "HF_TOKEN": "hf_secret", "PATH": "/usr/bin"}
     name = skypilot.job_name(stage)
     command = skypilot.submit_command(config, module, inputs, outputs, name, distributed, environ)
@@ -159,10 +200,13 @@ def test_the_launch_command_for_each_stage_and_node_count(tmp_path: Path, stage,
     assert option(command, "--num-nodes") == (str(nodes) if distributed else "1")
     assert option(command, "--gpus") == ("H100:8" if distributed else "H100:1")
     assert envs(command) == {
-        "STAGE_MODULE": module, "STAGE_INPUTS": str(inputs), "STAGE_OUTPUTS": str(outputs),
+        "STAGE_MODULE": module,
+        "STAGE_INPUTS": str(inputs),
+        "STAGE_OUTPUTS": str(outputs),
         "STAGE_DISTRIBUTED": "1" if distributed else "0",
         "ACCELERATE_CONFIG": "configs/accelerate/multi_gpu_fsdp.yaml" if distributed else "",
-        "POST_TRAIN_BUCKET": "s3://my-bucket", "POST_TRAIN_REMOTE_ROOT": str(tmp_path / "bucket"),
+        "POST_TRAIN_BUCKET": "s3://my-bucket",
+        "POST_TRAIN_REMOTE_ROOT": str(tmp_path / "bucket"),
         "MLFLOW_TRACKING_URI": None,  # passed by name: SkyPilot reads the value from the environment
     }
     assert option(command, "--secret") == "HF_TOKEN" and "hf_secret" not in " ".join(command)
@@ -171,14 +215,22 @@ def test_the_launch_command_for_each_stage_and_node_count(tmp_path: Path, stage,
     assert sky_env["SKYPILOT_DISABLE_USAGE_COLLECTION"] == "1" and sky_env["MLFLOW_TRACKING_URI"] == REMOTE_URI
 
 
-@pytest.mark.parametrize(("nodes", "gpus", "rank", "distributed"), [(1, 1, 0, True), (1, 8, 0, True), (2, 8, 1, True), (4, 8, 3, True), (1, 8, 0, False)])
+@pytest.mark.parametrize(
+    ("nodes", "gpus", "rank", "distributed"),
+    [(1, 1, 0, True), (1, 8, 0, True), (2, 8, 1, True), (4, 8, 3, True), (1, 8, 0, False)],
+)
 def test_each_node_runs_accelerate_launch_wired_to_skypilot(nodes, gpus, rank, distributed):
     ips = [f"10.0.0.{i + 1}" for i in range(nodes)]
     environ = {
-        "STAGE_MODULE": "tasks.sft", "STAGE_INPUTS": "/post-train/in.json", "STAGE_OUTPUTS": "/post-train/out.json",
-        "STAGE_DISTRIBUTED": "1" if distributed else "0", "ACCELERATE_CONFIG": "configs/accelerate/deepspeed_zero3.yaml",
-        "SKYPILOT_NODE_IPS": "\n".join(ips) + "\n", "SKYPILOT_NODE_RANK": str(rank),
-        "SKYPILOT_NUM_NODES": str(nodes), "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus),
+        "STAGE_MODULE": "tasks.sft",
+        "STAGE_INPUTS": "/post-train/in.json",
+        "STAGE_OUTPUTS": "/post-train/out.json",
+        "STAGE_DISTRIBUTED": "1" if distributed else "0",
+        "ACCELERATE_CONFIG": "configs/accelerate/deepspeed_zero3.yaml",
+        "SKYPILOT_NODE_IPS": "\n".join(ips) + "\n",
+        "SKYPILOT_NODE_RANK": str(rank),
+        "SKYPILOT_NUM_NODES": str(nodes),
+        "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus),
     }
     command = skypilot.node_command(environ)
     stage = ["-m", "tasks.sft", "--inputs", "/post-train/in.json", "--outputs", "/post-train/out.json"]
@@ -194,10 +246,13 @@ def test_each_node_runs_accelerate_launch_wired_to_skypilot(nodes, gpus, rank, d
         assert "--num_machines" not in launcher
     else:
         assert option(launcher, "--num_machines") == str(nodes) and option(launcher, "--machine_rank") == str(rank)
-        assert option(launcher, "--main_process_ip") == "10.0.0.1" and option(launcher, "--main_process_port") == "29500"
+        assert (
+            option(launcher, "--main_process_ip") == "10.0.0.1" and option(launcher, "--main_process_port") == "29500"
+        )
 
 
 # --- checks before any work ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("uri", ["", "sqlite:///mlflow.db", "file:///tmp/mlruns", "mlruns"])
 def test_a_local_tracking_store_is_refused(uri):
@@ -227,6 +282,7 @@ def test_preflight_names_what_is_missing(tmp_path: Path):
 
 # --- the job's life cycle ------------------------------------------------------------------------
 
+
 class FakeSky:
     """Answers the launcher's `sky` calls: the job's statuses, in order, one per `sky jobs queue`."""
 
@@ -242,9 +298,13 @@ class FakeSky:
             status = self.statuses.pop(0)
             if status != "unknown":
                 stdout = "[12:00:01] Fetching managed jobs\n" + json.dumps(
-                    [{"job_id": 5, "job_name": self.name, "status": "FAILED"},  # an older job of the same name
-                     {"job_id": 7, "job_name": self.name, "status": status, **self.record},
-                     {"job_id": 6, "job_name": "other", "status": "RUNNING"}], indent=2)
+                    [
+                        {"job_id": 5, "job_name": self.name, "status": "FAILED"},  # an older job of the same name
+                        {"job_id": 7, "job_name": self.name, "status": status, **self.record},
+                        {"job_id": 6, "job_name": "other", "status": "RUNNING"},
+                    ],
+                    indent=2,
+                )
         if verb == "launch":
             self.name = option(command, "--name")
             return subprocess.CompletedProcess(command, self.launch_status)
@@ -253,8 +313,16 @@ class FakeSky:
 
 def run_job(tmp_path: Path, fake: FakeSky, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", REMOTE_URI)
-    return skypilot.run_managed_job(sky_config(tmp_path), "tasks.sft", tmp_path / "in.json", tmp_path / "out.json",
-                                    "post-train-sft-0", True, run=fake, sleep=lambda seconds: None)
+    return skypilot.run_managed_job(
+        sky_config(tmp_path),
+        "tasks.sft",
+        tmp_path / "in.json",
+        tmp_path / "out.json",
+        "post-train-sft-0",
+        True,
+        run=fake,
+        sleep=lambda seconds: None,
+    )
 
 
 def test_a_job_is_followed_until_it_succeeds(tmp_path: Path, monkeypatch):
@@ -266,7 +334,9 @@ def test_a_job_is_followed_until_it_succeeds(tmp_path: Path, monkeypatch):
 
 @pytest.mark.parametrize("final", ["FAILED", "FAILED_SETUP", "FAILED_NO_RESOURCE", "FAILED_CONTROLLER", "CANCELLED"])
 def test_a_failed_preempted_or_cancelled_job_fails_the_stage(tmp_path: Path, monkeypatch, final):
-    status, description = run_job(tmp_path, FakeSky([final], recovery_count=2, failure_reason="no H100 left"), monkeypatch)
+    status, description = run_job(
+        tmp_path, FakeSky([final], recovery_count=2, failure_reason="no H100 left"), monkeypatch
+    )
     assert status == 1 and f"{final} after 2 recoveries: no H100 left" in description
 
 
@@ -299,8 +369,9 @@ def test_an_interrupted_launcher_cancels_its_job(tmp_path: Path, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", REMOTE_URI)
     with pytest.raises(KeyboardInterrupt):
-        skypilot.run_managed_job(sky_config(tmp_path), "tasks.sft", tmp_path / "i", tmp_path / "o", "job", True,
-                              run=fake, sleep=interrupt)
+        skypilot.run_managed_job(
+            sky_config(tmp_path), "tasks.sft", tmp_path / "i", tmp_path / "o", "job", True, run=fake, sleep=interrupt
+        )
     assert fake.calls[-1] == "cancel"
 
 
@@ -323,7 +394,8 @@ if args[:2] == ["jobs", "launch"]:
     env.update(SKYPILOT_NODE_IPS="127.0.0.1\\n", SKYPILOT_NODE_RANK="0", SKYPILOT_NUM_NODES="1",
                SKYPILOT_NUM_GPUS_PER_NODE="1")
     workdir = args[args.index("--workdir") + 1]
-    code = subprocess.run([sys.executable, "-m", "post_train.executors.skypilot", "node"], env=env, cwd=workdir).returncode
+    node = [sys.executable, "-m", "post_train.executors.skypilot", "node"]
+    code = subprocess.run(node, env=env, cwd=workdir).returncode
     name = args[args.index("--name") + 1]
     (state / "job.json").write_text(json.dumps({{"job_id": 1, "job_name": name,
                                                 "status": "SUCCEEDED" if code == 0 else "FAILED"}}))
@@ -355,20 +427,38 @@ def test_a_stage_runs_as_a_managed_job_and_its_result_comes_back_through_the_buc
     bucket.mkdir()
     message = [{"role": "user", "content": "Copy: a b"}]
     files = {
-        "data.sft": write_jsonl(bucket / "sft.jsonl", [{"messages": message + [{"role": "assistant", "content": "a b"}]}]),
-        "data.preferences": write_jsonl(bucket / "prefs.jsonl", [{"prompt": message, "chosen": "a b", "rejected": "b"}]),
+        "data.sft": write_jsonl(
+            bucket / "sft.jsonl", [{"messages": message + [{"role": "assistant", "content": "a b"}]}]
+        ),
+        "data.preferences": write_jsonl(
+            bucket / "prefs.jsonl", [{"prompt": message, "chosen": "a b", "rejected": "b"}]
+        ),
         "data.eval": write_jsonl(bucket / "eval.jsonl", [{"prompt": message, "reference": "a b"}]),
     }
-    config = load_config("lowlr", "smoke", {**files, "data.world": None, "compute.backend": "skypilot",
-                                             "compute.bucket": "s3://my-bucket", "compute.remote_root": str(bucket), "compute.accelerators": "A10G:1",
-                                             "compute.sky_bin": str(tmp_path / "sky"),
-                                             "runs_dir": str(bucket / "runs"), "cache_dir": str(bucket / "cache")})
+    config = load_config(
+        "lowlr",
+        "smoke",
+        {
+            **files,
+            "data.world": None,
+            "compute.backend": "skypilot",
+            "compute.bucket": "s3://my-bucket",
+            "compute.remote_root": str(bucket),
+            "compute.accelerators": "A10G:1",
+            "compute.sky_bin": str(tmp_path / "sky"),
+            "runs_dir": str(bucket / "runs"),
+            "cache_dir": str(bucket / "cache"),
+        },
+    )
     run_dir = bucket / "runs" / "r1"
     prepare_command = Stage("prepare", "tasks.prepare", key=lambda config, arguments: {})  # cached, so a command
     prepared = run_stage(prepare_command, config, RunContext(str(run_dir)))
     assert prepared.sizes == {"sft": 1, "preferences": 1, "eval": 1}
     submitted = json.loads((fake_sky / "launch.json").read_text())
-    assert envs(submitted)["STAGE_INPUTS"] == str(run_dir / "prepare" / "inputs.json") and option(submitted, "--gpus") == "A10G:1"
+    assert (
+        envs(submitted)["STAGE_INPUTS"] == str(run_dir / "prepare" / "inputs.json")
+        and option(submitted, "--gpus") == "A10G:1"
+    )
 
     (bucket / "eval.jsonl").write_text('{"prompt": "x"}\n')  # the remote stage refuses it: a DataError, not retried
     with pytest.raises(DataError, match="eval.jsonl, row 0: missing field"):
@@ -376,6 +466,7 @@ def test_a_stage_runs_as_a_managed_job_and_its_result_comes_back_through_the_buc
 
 
 # --- the paper recipes ---------------------------------------------------------------------------
+
 
 def test_the_paper_recipes_are_the_papers_setting():
     baseline, lowlr = load_config("paper_baseline"), load_config("paper_lowlr")
@@ -387,23 +478,43 @@ def test_the_paper_recipes_are_the_papers_setting():
     assert (baseline.sft.learning_rate, lowlr.sft.learning_rate) == (2e-5, 5e-6)
     assert baseline.sft.batch_size == 128 and baseline.sft.epochs == 1 and baseline.sft.objective == "nll"
     dpo = baseline.dpo
-    assert (dpo.loss, dpo.loss_params, dpo.learning_rate, dpo.batch_size, dpo.epochs) == ("sigmoid", {"beta": 0.01}, 5e-7, 128, 1)
+    assert (dpo.loss, dpo.loss_params, dpo.learning_rate, dpo.batch_size, dpo.epochs) == (
+        "sigmoid",
+        {"beta": 0.01},
+        5e-7,
+        128,
+        1,
+    )
     assert baseline.mixed_precision == "bf16"
     compute = baseline.compute
     assert (compute.backend, compute.accelerators, compute.training_processes) == ("skypilot", "H100:8", 8)
-    assert lowlr.model_dump(exclude={"recipe", "description", "sft"}) == baseline.model_dump(exclude={"recipe", "description", "sft"})
+    assert lowlr.model_dump(exclude={"recipe", "description", "sft"}) == baseline.model_dump(
+        exclude={"recipe", "description", "sft"}
+    )
     assert lowlr.sft.model_dump(exclude={"learning_rate"}) == baseline.sft.model_dump(exclude={"learning_rate"})
     assert baseline.evaluation.judge == "gold"  # the only judge today; the paper's evaluation needs issue #5's
 
 
 def test_the_paper_recipe_launches_sft_on_eight_h100s(tmp_path: Path):
     (tmp_path / "sky").touch()
-    config = load_config("paper_baseline", "demo", {"compute.bucket": "s3://my-bucket", "compute.sky_bin": str(tmp_path / "sky")})
-    command = skypilot.submit_command(config, "tasks.sft", "/post-train/runs/r/sft/inputs.json",
-                                   "/post-train/runs/r/sft/outputs.json", "post-train-sft-1", True, {"MLFLOW_TRACKING_URI": REMOTE_URI})
+    config = load_config(
+        "paper_baseline", "demo", {"compute.bucket": "s3://my-bucket", "compute.sky_bin": str(tmp_path / "sky")}
+    )
+    command = skypilot.submit_command(
+        config,
+        "tasks.sft",
+        "/post-train/runs/r/sft/inputs.json",
+        "/post-train/runs/r/sft/outputs.json",
+        "post-train-sft-1",
+        True,
+        {"MLFLOW_TRACKING_URI": REMOTE_URI},
+    )
     assert option(command, "--gpus") == "H100:8" and option(command, "--num-nodes") == "1"
     assert envs(command)["ACCELERATE_CONFIG"] == "configs/accelerate/multi_gpu_fsdp.yaml"
-    assert envs(command)["POST_TRAIN_BUCKET"] == "s3://my-bucket" and envs(command)["POST_TRAIN_REMOTE_ROOT"] == "/post-train"
+    assert (
+        envs(command)["POST_TRAIN_BUCKET"] == "s3://my-bucket"
+        and envs(command)["POST_TRAIN_REMOTE_ROOT"] == "/post-train"
+    )
 
 
 def test_the_paper_recipe_runs_at_smoke_size_on_a_local_tiny_model(tmp_path: Path, shared_mlflow_store: str):
@@ -420,25 +531,53 @@ def test_the_paper_recipe_runs_at_smoke_size_on_a_local_tiny_model(tmp_path: Pat
     tokenizer.chat_template = None  # like meta-llama/Meta-Llama-3-8B's
     base = tmp_path / "base"
     tokenizer.save_pretrained(base)
-    LlamaForCausalLM(tiny_llama_config(tokenizer, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=64)).save_pretrained(base)
+    LlamaForCausalLM(
+        tiny_llama_config(tokenizer, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=64)
+    ).save_pretrained(base)
     user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
     files = {
-        "data.sft": write_jsonl(tmp_path / "sft.jsonl", [{"messages": user(q) + [{"role": "assistant", "content": a}]} for q, a in pairs]),
-        "data.preferences": write_jsonl(tmp_path / "prefs.jsonl", [
-            {"prompt": user(q), "chosen": [{"role": "assistant", "content": a}], "rejected": [{"role": "assistant", "content": a[:1]}]}
-            for q, a in pairs]),
+        "data.sft": write_jsonl(
+            tmp_path / "sft.jsonl", [{"messages": user(q) + [{"role": "assistant", "content": a}]} for q, a in pairs]
+        ),
+        "data.preferences": write_jsonl(
+            tmp_path / "prefs.jsonl",
+            [
+                {
+                    "prompt": user(q),
+                    "chosen": [{"role": "assistant", "content": a}],
+                    "rejected": [{"role": "assistant", "content": a[:1]}],
+                }
+                for q, a in pairs
+            ],
+        ),
         "data.eval": write_jsonl(tmp_path / "eval.jsonl", [{"prompt": user(q), "reference": a} for q, a in pairs[:4]]),
     }
     smoke = {"batch_size": 4, "micro_batch_size": 2, "max_length": 48, "max_steps": 2, "log_every": 1}
-    config = load_config("paper_baseline", "smoke", {
-        "model.name_or_path": str(base), **files, "compute.backend": "local", "compute.checkpoint_every": 1,
-        "runs_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"), "mixed_precision": "'no'",
-        **{f"sft.{key}": value for key, value in smoke.items()}, "sft.diagnostics_batch_size": 2,
-        **{f"dpo.{key}": value for key, value in smoke.items()},
-    })
-    assert (config.sft.learning_rate, config.dpo.loss_params, config.compute.gradient_checkpointing) == (2e-5, {"beta": 0.01}, True)
+    config = load_config(
+        "paper_baseline",
+        "smoke",
+        {
+            "model.name_or_path": str(base),
+            **files,
+            "compute.backend": "local",
+            "compute.checkpoint_every": 1,
+            "runs_dir": str(tmp_path / "runs"),
+            "cache_dir": str(tmp_path / "cache"),
+            "mixed_precision": "'no'",
+            **{f"sft.{key}": value for key, value in smoke.items()},
+            "sft.diagnostics_batch_size": 2,
+            **{f"dpo.{key}": value for key, value in smoke.items()},
+        },
+    )
+    assert (config.sft.learning_rate, config.dpo.loss_params, config.compute.gradient_checkpointing) == (
+        2e-5,
+        {"beta": 0.01},
+        True,
+    )
     data = prepare.run(config)
-    trained = run_stage(SFT, config, RunContext(str(tmp_path / "runs" / "r")), base_model_path=str(base), data=data)  # a child process
+    trained = run_stage(
+        SFT, config, RunContext(str(tmp_path / "runs" / "r")), base_model_path=str(base), data=data
+    )  # a child process
     assert AutoTokenizer.from_pretrained(trained.path).chat_template == DEFAULT_CHAT_TEMPLATE
     assert not any((tmp_path / "cache" / "checkpoints" / "sft").glob("*/step-*"))  # removed once the stage succeeded
     tuned = dpo.run(config, trained.path, data, str(tmp_path / "dpo"))

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-import flows.compare  # imported here, not under capsys: the first `from prefect import flow` binds Prefect's log handler to stderr
+# Imported here, not under capsys: the first `from prefect import flow` binds Prefect's log handler to stderr.
+import flows.compare
 from flows.compare import compare, compare_deployment
 from post_train import comparison
 from post_train.comparison import Cell
@@ -24,9 +25,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def metrics(rate_all: float, se_all: float, rate_held: float = 0.25, se_held: float = 0.1) -> dict[str, float]:
     """Stage metrics as evaluate returns them (two splits and `all`)."""
     return {
-        "win_rate/all": rate_all, "win_rate_se/all": se_all, "gold_reward/all": 0.8, "num_prompts/all": 40,
-        "win_rate/in_distribution": 0.75, "win_rate_se/in_distribution": 0.05, "gold_reward/in_distribution": 0.9,
-        "win_rate/held_out": rate_held, "win_rate_se/held_out": se_held, "gold_reward/held_out": 0.7,
+        "win_rate/all": rate_all,
+        "win_rate_se/all": se_all,
+        "gold_reward/all": 0.8,
+        "num_prompts/all": 40,
+        "win_rate/in_distribution": 0.75,
+        "win_rate_se/in_distribution": 0.05,
+        "gold_reward/in_distribution": 0.9,
+        "win_rate/held_out": rate_held,
+        "win_rate_se/held_out": se_held,
+        "gold_reward/held_out": 0.7,
         "reference_gold_reward/all": 0.85,
     }
 
@@ -90,7 +98,11 @@ def seed_rows() -> list[dict]:
     """nll and dft at one learning rate, three seeds each; nll at a second rate with two seeds."""
     rows = []
     for seed, rate in zip((0, 1, 2), (0.50, 0.52, 0.54)):
-        rows.append(comparison.result_row(Cell("nll", 2e-3, seed), metrics(rate, 0.05), {**SFT, "kl_to_base_final": 0.1 * (seed + 1)}, DPO))
+        rows.append(
+            comparison.result_row(
+                Cell("nll", 2e-3, seed), metrics(rate, 0.05), {**SFT, "kl_to_base_final": 0.1 * (seed + 1)}, DPO
+            )
+        )
     for seed, rate in zip((0, 1, 2), (0.60, 0.60, 0.60)):
         rows.append(comparison.result_row(Cell("dft", 2e-3, seed), metrics(rate, 0.05), SFT, DPO))
     for seed, rate in zip((0, 1), (0.40, 0.60)):
@@ -101,7 +113,9 @@ def seed_rows() -> list[dict]:
 def test_aggregate_rows_means_over_seeds_with_a_t_interval_on_the_per_seed_win_rates():
     aggregated = comparison.aggregate_rows(seed_rows())
     assert [(r["objective"], r["sft_learning_rate"], r["n_seeds"], r["seeds"]) for r in aggregated] == [
-        ("nll", 2e-3, 3, "0 1 2"), ("dft", 2e-3, 3, "0 1 2"), ("nll", 5e-4, 2, "0 1"),
+        ("nll", 2e-3, 3, "0 1 2"),
+        ("dft", 2e-3, 3, "0 1 2"),
+        ("nll", 5e-4, 2, "0 1"),
     ]
     nll, dft, low_lr = aggregated
     half = 4.3027 * 0.02 / math.sqrt(3)
@@ -110,7 +124,9 @@ def test_aggregate_rows_means_over_seeds_with_a_t_interval_on_the_per_seed_win_r
     assert nll["win_rate_ci95_high/all"] == pytest.approx(0.52 + half)
     assert nll["sft_kl_to_base"] == pytest.approx(0.2) and nll["gold_reward/all"] == pytest.approx(0.8)
     # identical win rates over seeds: no seed-to-seed spread, a zero-width interval
-    assert dft["win_rate_sd/all"] == 0.0 and dft["win_rate_ci95_low/all"] == dft["win_rate_ci95_high/all"] == pytest.approx(0.6)
+    assert dft["win_rate_sd/all"] == 0.0 and dft["win_rate_ci95_low/all"] == dft[
+        "win_rate_ci95_high/all"
+    ] == pytest.approx(0.6)
     assert low_lr["win_rate/all"] == pytest.approx(0.5)
     assert (low_lr["win_rate_ci95_low/all"], low_lr["win_rate_ci95_high/all"]) == (0.0, 1.0)  # 2 seeds, t = 12.7
     assert low_lr["win_rate/held_out"] == pytest.approx(0.25)
@@ -170,28 +186,44 @@ def test_a_run_takes_more_params_and_metrics_than_one_mlflow_request_holds(mlflo
 
 
 def test_grid_sets_objective_learning_rate_and_seeds_per_cell():
-    grid = comparison.plan_grid("baseline", "smoke", ["nll", "fdiv:pearson_chi2"], None, [0, 3], {"dpo.loss_params.beta": 0.2})
+    grid = comparison.plan_grid(
+        "baseline", "smoke", ["nll", "fdiv:pearson_chi2"], None, [0, 3], {"dpo.loss_params.beta": 0.2}
+    )
     recipe_rate = grid.base.sft.learning_rate
     assert [(cell.objective, cell.learning_rate, cell.seed) for cell, _ in grid.cells] == [
-        (objective, rate, seed) for objective in ("nll", "fdiv:pearson_chi2")
-        for rate in (recipe_rate, recipe_rate / 4) for seed in (0, 3)
+        (objective, rate, seed)
+        for objective in ("nll", "fdiv:pearson_chi2")
+        for rate in (recipe_rate, recipe_rate / 4)
+        for seed in (0, 3)
     ]
     for cell, config in grid.cells:
         assert (config.sft.objective, config.sft.learning_rate, config.sft.seed, config.dpo.seed) == (
-            cell.objective, cell.learning_rate, cell.seed, cell.seed)
+            cell.objective,
+            cell.learning_rate,
+            cell.seed,
+            cell.seed,
+        )
         assert config.dpo.loss_params == {"beta": 0.2} and config.scale == "smoke"
     assert grid.cells[-1][0].slug == f"fdiv-pearson_chi2-lr{recipe_rate / 4:g}-seed3"
 
 
 def test_objective_params_stay_with_the_recipes_objective():
-    grid = comparison.plan_grid("chi2", "smoke", ["fdiv:pearson_chi2", "nll"], [1e-3], [0], {"sft.objective_params.beta": 0.5})
+    grid = comparison.plan_grid(
+        "chi2", "smoke", ["fdiv:pearson_chi2", "nll"], [1e-3], [0], {"sft.objective_params.beta": 0.5}
+    )
     assert [config.sft.objective_params for _, config in grid.cells] == [{"beta": 0.5}, {}]
 
 
 @pytest.mark.parametrize(
     "objectives, learning_rates, seeds, parallelism, message",
     [
-        (["nll", "nope"], None, [0], 1, r"grid cell nope lr=\S+ seed=0.*\n  sft\.objective: .*unknown SFT objective 'nope'"),
+        (
+            ["nll", "nope"],
+            None,
+            [0],
+            1,
+            r"grid cell nope lr=\S+ seed=0.*\n  sft\.objective: .*unknown SFT objective 'nope'",
+        ),
         (["nll"], [1e-3, -1.0], [0], 1, r"sft\.learning_rate: Input should be greater than 0"),
         (["nll", "nll"], None, [0], 1, "objectives lists 'nll' twice"),
         (["nll"], None, [], 1, "seeds must list at least one value"),
@@ -220,16 +252,45 @@ def test_cli_passes_the_grid_to_the_flow_and_prints_the_table(monkeypatch, capsy
 
     def fake_compare(**kwargs):
         calls.append(kwargs)
-        return {"markdown": "| table |\n", "aggregated_markdown": "| means |\n", "output_dir": "/tmp/out", "mlflow_run_uri": "runs:/x"}
+        return {
+            "markdown": "| table |\n",
+            "aggregated_markdown": "| means |\n",
+            "output_dir": "/tmp/out",
+            "mlflow_run_uri": "runs:/x",
+        }
 
     monkeypatch.setattr(flows.compare, "compare", fake_compare)
-    argv = ["compare", "--scale", "smoke", "--objectives", "nll", "dft", "--learning-rates", "2e-3", "5e-4",
-            "--seeds", "0", "1", "--parallelism", "2", "-o", "dpo.loss_params.beta=0.2"]
+    argv = [
+        "compare",
+        "--scale",
+        "smoke",
+        "--objectives",
+        "nll",
+        "dft",
+        "--learning-rates",
+        "2e-3",
+        "5e-4",
+        "--seeds",
+        "0",
+        "1",
+        "--parallelism",
+        "2",
+        "-o",
+        "dpo.loss_params.beta=0.2",
+    ]
     assert main(argv) == 0
-    assert calls == [{
-        "recipe": "baseline", "scale": "smoke", "objectives": ["nll", "dft"], "learning_rates": [2e-3, 5e-4],
-        "seeds": [0, 1], "overrides": {"dpo.loss_params.beta": 0.2}, "parallelism": 2, "force": False,
-    }]
+    assert calls == [
+        {
+            "recipe": "baseline",
+            "scale": "smoke",
+            "objectives": ["nll", "dft"],
+            "learning_rates": [2e-3, 5e-4],
+            "seeds": [0, 1],
+            "overrides": {"dpo.loss_params.beta": 0.2},
+            "parallelism": 2,
+            "force": False,
+        }
+    ]
     out = capsys.readouterr().out
     assert "| table |" in out and "| means |" in out and "/tmp/out" in out
 
@@ -249,15 +310,26 @@ def children(client: MlflowClient, parent_id: str) -> list:
 
 def test_compare_two_objectives_at_smoke_scale(prefect_server, workspace, mlflow_store):
     result = compare(
-        recipe="baseline", scale="smoke", objectives=["nll", "dft"], learning_rates=[2e-3], seeds=[0],
-        overrides=smoke_overrides(workspace), parallelism=2,
+        recipe="baseline",
+        scale="smoke",
+        objectives=["nll", "dft"],
+        learning_rates=[2e-3],
+        seeds=[0],
+        overrides=smoke_overrides(workspace),
+        parallelism=2,
     )
     rows = result["rows"]
     assert [(r["objective"], r["sft_learning_rate"], r["seed"]) for r in rows] == [("nll", 2e-3, 0), ("dft", 2e-3, 0)]
     for row in rows:
         for split in ("all", "in_distribution", "held_out"):
             assert 0.0 <= row[f"win_rate/{split}"] <= 1.0
-            assert 0.0 <= row[f"win_rate_ci95_low/{split}"] <= row[f"win_rate/{split}"] <= row[f"win_rate_ci95_high/{split}"] <= 1.0
+            assert (
+                0.0
+                <= row[f"win_rate_ci95_low/{split}"]
+                <= row[f"win_rate/{split}"]
+                <= row[f"win_rate_ci95_high/{split}"]
+                <= 1.0
+            )
         assert row["sft_kl_to_base"] >= 0 and row["sft_entropy"] > 0 and 0 <= row["dpo_reward_accuracy"] <= 1
     assert result["aggregated"] == [] and "aggregated_csv" not in result["paths"]  # one seed
 
@@ -273,9 +345,15 @@ def test_compare_two_objectives_at_smoke_scale(prefect_server, workspace, mlflow
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("compare-")
     assert parent.data.params["grid.objectives"] == "nll dft" and "sft.objective" not in parent.data.params
-    assert {"results.csv", "results.md", "win_rate.png", "kl_to_base.png", "entropy.png", "config.json", "grid.json"} <= {
-        a.path for a in client.list_artifacts(parent.info.run_id)
-    }
+    assert {
+        "results.csv",
+        "results.md",
+        "win_rate.png",
+        "kl_to_base.png",
+        "entropy.png",
+        "config.json",
+        "grid.json",
+    } <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     under_parent = children(client, parent.info.run_id)
     pretrain = [run for run in under_parent if run.data.tags.get("stage") == "pretrain"]
     cells = {run.data.tags["compare_cell"]: run for run in under_parent if "compare_cell" in run.data.tags}
@@ -292,8 +370,14 @@ def test_compare_two_objectives_at_smoke_scale(prefect_server, workspace, mlflow
 
 def test_a_grid_with_an_unknown_objective_fails_before_any_stage(prefect_server, workspace, mlflow_store):
     with pytest.raises(ConfigError, match="unknown SFT objective 'nope'"):
-        compare(recipe="baseline", scale="smoke", objectives=["nll", "nope"], seeds=[0],
-                overrides=smoke_overrides(workspace), parallelism=2)
+        compare(
+            recipe="baseline",
+            scale="smoke",
+            objectives=["nll", "nope"],
+            seeds=[0],
+            overrides=smoke_overrides(workspace),
+            parallelism=2,
+        )
     assert not (workspace / "runs").exists() and not (workspace / "cache").exists()
     assert not (workspace / "repo" / "data").exists()  # prepare never ran
     client = MlflowClient(mlflow_store)

@@ -72,7 +72,10 @@ def test_malformed_override_is_refused():
 
 def test_override_values_keep_words_yaml_would_turn_into_booleans():
     assert parse_overrides(["mixed_precision=no", "data.world=null", "sft.seed=3", "compute.use_spot=true"]) == {
-        "mixed_precision": "no", "data": {"world": None}, "sft": {"seed": 3}, "compute": {"use_spot": True},
+        "mixed_precision": "no",
+        "data": {"world": None},
+        "sft": {"seed": 3},
+        "compute": {"use_spot": True},
     }
     assert load_config("lowlr", "smoke", ["mixed_precision=no"]).mixed_precision == "no"
     with pytest.raises(ConfigError, match=r"override sft.objective_params=.*not a valid value"):

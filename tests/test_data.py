@@ -20,12 +20,17 @@ def test_trl_formats_load_from_a_file_and_from_a_directory(tmp_path: Path):
     assert len(load_dataset_checked(str(sft), "sft")) == 3
     folder = tmp_path / "prefs"
     folder.mkdir()
-    write_jsonl(folder / "a.jsonl", [{"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant", "content": "a b"}]}])
+    write_jsonl(
+        folder / "a.jsonl",
+        [{"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant", "content": "a b"}]}],
+    )
     write_jsonl(folder / "b.jsonl", [{"prompt": "Sort: b a", "chosen": "a b", "rejected": "b a"}])
     pairs = load_dataset_checked(str(folder), "preferences")
     assert [p.prompt[0]["role"] for p in pairs] == ["user", "user"]
     assert pairs[1].chosen == [{"role": "assistant", "content": "a b"}]
-    rows = load_dataset_checked(str(write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "Copy: a", "reference": "a"}])), "eval")
+    rows = load_dataset_checked(
+        str(write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "Copy: a", "reference": "a"}])), "eval"
+    )
     assert rows[0].split == "eval"
 
 
@@ -35,9 +40,17 @@ def test_trl_formats_load_from_a_file_and_from_a_directory(tmp_path: Path):
         ("sft", {"text": "hello"}, "row 1: missing field(s) ['messages']"),
         ("sft", {"messages": [USER]}, "row 1: the last message must be the assistant's"),
         ("sft", {"messages": [{"role": "robot", "content": "x"}, ASSISTANT]}, "row 1: messages[0].role is 'robot'"),
-        ("sft", {"messages": [{"role": "user"}, ASSISTANT]}, "row 1: messages[0] must be a message with 'role' and 'content'"),
+        (
+            "sft",
+            {"messages": [{"role": "user"}, ASSISTANT]},
+            "row 1: messages[0] must be a message with 'role' and 'content'",
+        ),
         ("preferences", {"prompt": [USER], "chosen": [ASSISTANT]}, "row 1: missing field(s) ['rejected']"),
-        ("preferences", {"prompt": [USER], "chosen": [USER], "rejected": [ASSISTANT]}, "field 'chosen' must hold one assistant message"),
+        (
+            "preferences",
+            {"prompt": [USER], "chosen": [USER], "rejected": [ASSISTANT]},
+            "field 'chosen' must hold one assistant message",
+        ),
         ("eval", {"prompt": [USER], "reference": 3}, "row 1: field 'reference' must be a string"),
     ],
 )
@@ -90,7 +103,11 @@ def test_rows_are_located_in_their_own_file_and_broken_json_is_named(tmp_path: P
 
 
 def test_preference_responses_may_repeat_the_prompt_as_ultrafeedback_does(tmp_path: Path):
-    row = {"prompt": "Reverse: a b", "chosen": [USER, ASSISTANT], "rejected": [USER, {"role": "assistant", "content": "a b"}]}
+    row = {
+        "prompt": "Reverse: a b",
+        "chosen": [USER, ASSISTANT],
+        "rejected": [USER, {"role": "assistant", "content": "a b"}],
+    }
     pairs = load_dataset_checked(str(write_jsonl(tmp_path / "prefs.jsonl", [row])), "preferences")
     assert pairs[0].chosen == [ASSISTANT] and pairs[0].rejected == [{"role": "assistant", "content": "a b"}]
     other = {**row, "chosen": [{"role": "user", "content": "something else"}, ASSISTANT]}

@@ -26,8 +26,9 @@ from tests.test_training import nll_step, tiny_model, uneven_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # 32 rows in micro-batches of 2: 16 batches, 4 optimizer steps of 8 sequences, 1 epoch.
-CONFIG = TrainConfig(learning_rate=1e-2, batch_size=8, micro_batch_size=2, max_steps=4, warmup_ratio=0.25,
-                     max_grad_norm=1.0, log_every=1)
+CONFIG = TrainConfig(
+    learning_rate=1e-2, batch_size=8, micro_batch_size=2, max_steps=4, warmup_ratio=0.25, max_grad_norm=1.0, log_every=1
+)
 ROWS = 32
 CHECKPOINT_EVERY = 2
 
@@ -43,15 +44,32 @@ def curve(history: list[dict]) -> list[float]:
 
 def run_training(checkpoint_dir: Path | None = None, step_fn=nll_step, on_log=None):
     model = tiny_model()
-    history = train(model, uneven_dataset(ROWS), pad_collate(0), step_fn, CONFIG, make_accelerator("no"),
-                    on_log=on_log, checkpoint_dir=checkpoint_dir, checkpoint_every=CHECKPOINT_EVERY if checkpoint_dir else 0)
+    history = train(
+        model,
+        uneven_dataset(ROWS),
+        pad_collate(0),
+        step_fn,
+        CONFIG,
+        make_accelerator("no"),
+        on_log=on_log,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=CHECKPOINT_EVERY if checkpoint_dir else 0,
+    )
     return weights(model), history
 
 
 def reference_rows(cache_dir: Path, accelerator=None) -> tuple[list[list[float]], bool]:
     """Reference log-probs of the training rows, in batches of 3 (11 batches: an uneven share per process)."""
-    return reference_logps(lambda: tiny_model(seed=1), "reference-model", uneven_dataset(ROWS), pad_collate(0), 3,
-                           cache_dir, torch.device("cpu"), accelerator)
+    return reference_logps(
+        lambda: tiny_model(seed=1),
+        "reference-model",
+        uneven_dataset(ROWS),
+        pad_collate(0),
+        3,
+        cache_dir,
+        torch.device("cpu"),
+        accelerator,
+    )
 
 
 def worker(out_dir: Path) -> None:
@@ -60,14 +78,28 @@ def worker(out_dir: Path) -> None:
     rows, first_hit = reference_rows(out_dir / "cache", accelerator)
     _, second_hit = reference_rows(out_dir / "cache", accelerator)
     model = tiny_model()
-    history = train(model, uneven_dataset(ROWS), pad_collate(0), nll_step, CONFIG, accelerator,
-                    checkpoint_dir=out_dir / "checkpoints", checkpoint_every=CHECKPOINT_EVERY)
+    history = train(
+        model,
+        uneven_dataset(ROWS),
+        pad_collate(0),
+        nll_step,
+        CONFIG,
+        accelerator,
+        checkpoint_dir=out_dir / "checkpoints",
+        checkpoint_every=CHECKPOINT_EVERY,
+    )
     if accelerator.is_main_process:
         torch.save(weights(accelerator.unwrap_model(model)), out_dir / "weights.pt")
-        (out_dir / "run.json").write_text(json.dumps({
-            "processes": accelerator.num_processes, "curve": curve(history),
-            "reference": rows, "reference_hits": [first_hit, second_hit],
-        }))
+        (out_dir / "run.json").write_text(
+            json.dumps(
+                {
+                    "processes": accelerator.num_processes,
+                    "curve": curve(history),
+                    "reference": rows,
+                    "reference_hits": [first_hit, second_hit],
+                }
+            )
+        )
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +137,29 @@ def test_two_nodes_wired_as_skypilot_wires_them_train_as_one(two_processes: Path
     port = str(free_port())
     nodes = []
     for rank in (0, 1):
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "STAGE_MODULE": "tests.test_distributed",
-               "STAGE_INPUTS": str(tmp_path / "inputs.json"), "STAGE_OUTPUTS": str(tmp_path / "outputs.json"),
-               "STAGE_DISTRIBUTED": "1", "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1\n", "SKYPILOT_NODE_RANK": str(rank),
-               "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NUM_GPUS_PER_NODE": "1", "MAIN_PROCESS_PORT": port}
-        nodes.append(subprocess.Popen([sys.executable, "-m", "post_train.executors.skypilot", "node"], cwd=REPO_ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "CUDA_VISIBLE_DEVICES": "",
+            "STAGE_MODULE": "tests.test_distributed",
+            "STAGE_INPUTS": str(tmp_path / "inputs.json"),
+            "STAGE_OUTPUTS": str(tmp_path / "outputs.json"),
+            "STAGE_DISTRIBUTED": "1",
+            "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1\n",
+            "SKYPILOT_NODE_RANK": str(rank),
+            "SKYPILOT_NUM_NODES": "2",
+            "SKYPILOT_NUM_GPUS_PER_NODE": "1",
+            "MAIN_PROCESS_PORT": port,
+        }
+        nodes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "post_train.executors.skypilot", "node"],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     logs = [node.communicate(timeout=240)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     assert f"--num_machines 2 --machine_rank 1 --main_process_ip 127.0.0.1 --main_process_port {port}" in logs[1]
@@ -175,5 +224,7 @@ def test_only_rank_zero_opens_an_mlflow_run(monkeypatch: pytest.MonkeyPatch, mlf
     assert len(mlflow.search_runs(search_all_experiments=True)) == 1
 
 
-if __name__ == "__main__":  # `python -m tests.test_distributed OUT_DIR`, or as a stage: `--inputs IN --outputs OUT_DIR/x`
+if (
+    __name__ == "__main__"
+):  # `python -m tests.test_distributed OUT_DIR`, or as a stage: `--inputs IN --outputs OUT_DIR/x`
     worker(Path(sys.argv[sys.argv.index("--outputs") + 1]).parent if "--outputs" in sys.argv else Path(sys.argv[1]))

@@ -58,7 +58,9 @@ def test_generation_is_batched_reproducible_and_stops_at_eos(smoke_stages):
     greedy = GenerationSettings(max_new_tokens=12, temperature=0.0, top_p=1.0, batch_size=5, seed=0)
     one_by_one = GenerationSettings(max_new_tokens=12, temperature=0.0, top_p=1.0, batch_size=1, seed=0)
     # Left padding must not change what a prompt generates.
-    assert generate_responses(model, tokenizer, prompts, greedy) == generate_responses(model, tokenizer, prompts, one_by_one)
+    assert generate_responses(model, tokenizer, prompts, greedy) == generate_responses(
+        model, tokenizer, prompts, one_by_one
+    )
 
 
 # --------------------------------------------------------------------------------------------- diagnostics
@@ -163,16 +165,29 @@ def test_evaluate_reports_win_rates_diagnostics_and_artifacts(smoke_stages, tune
     config, data, base = smoke_stages
     tuned_path, _, _ = tuned_model
     # The tuned model plays DPO, the base plays both SFT and base.
-    result = evaluate.run(config, tuned_path, data, str(tmp_path), reference_model_path=base.path, base_model_path=base.path)
+    result = evaluate.run(
+        config, tuned_path, data, str(tmp_path), reference_model_path=base.path, base_model_path=base.path
+    )
     metrics = result.metrics
     for split in ("in_distribution", "held_out", "all"):
-        for key in ("win_rate", "win_rate_discrete", "win_rate_se", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate"):
+        for key in (
+            "win_rate",
+            "win_rate_discrete",
+            "win_rate_se",
+            "win_rate_ci_low",
+            "win_rate_ci_high",
+            "lc_win_rate",
+        ):
             assert 0.0 <= metrics[f"{key}/{split}"] <= 1.0, key
-        assert metrics[f"win_rate_ci_low/{split}"] <= metrics[f"win_rate/{split}"] <= metrics[f"win_rate_ci_high/{split}"]
+        assert (
+            metrics[f"win_rate_ci_low/{split}"] <= metrics[f"win_rate/{split}"] <= metrics[f"win_rate_ci_high/{split}"]
+        )
         assert metrics[f"avg_length/{split}"] > 0 and metrics[f"reference_avg_length/{split}"] > 0
     assert metrics["num_prompts/all"] == metrics["num_prompts/in_distribution"] + metrics["num_prompts/held_out"]
     assert metrics["kl_to_base/dpo"] > 0 and metrics["kl_to_sft/dpo"] == pytest.approx(metrics["kl_to_base/dpo"])
-    assert metrics["kl_to_base/sft"] == pytest.approx(0.0, abs=1e-6) and metrics["entropy/sft"] == pytest.approx(metrics["entropy/base"])
+    assert metrics["kl_to_base/sft"] == pytest.approx(0.0, abs=1e-6) and metrics["entropy/sft"] == pytest.approx(
+        metrics["entropy/base"]
+    )
     assert metrics["implicit_reward_accuracy/dpo_vs_sft/all"] >= 0.8
     assert metrics["implicit_reward_accuracy/sft_vs_base/all"] == 0.0
     assert metrics["q_value_spearman/dpo_vs_sft"] > 0.1
@@ -193,8 +208,16 @@ def test_the_vllm_backend_fails_clearly_when_vllm_is_missing(smoke_stages, tmp_p
     from tasks import evaluate
 
     config, data, base = smoke_stages
-    config = load_config("lowlr", "smoke", {"data.dvc_root": config.data.dvc_root, "cache_dir": config.cache_dir,
-                                            "runs_dir": config.runs_dir, "evaluation.backend": "vllm"})
+    config = load_config(
+        "lowlr",
+        "smoke",
+        {
+            "data.dvc_root": config.data.dvc_root,
+            "cache_dir": config.cache_dir,
+            "runs_dir": config.runs_dir,
+            "evaluation.backend": "vllm",
+        },
+    )
     real_import = builtins.__import__
 
     def no_vllm(name, *args, **kwargs):  # vllm is not installable here; make sure of it everywhere
@@ -203,7 +226,9 @@ def test_the_vllm_backend_fails_clearly_when_vllm_is_missing(smoke_stages, tmp_p
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_vllm)
-    with pytest.raises(ConfigError, match="evaluation.backend is vllm, but vllm is not installed.*evaluation.backend: transformers"):
+    with pytest.raises(
+        ConfigError, match="evaluation.backend is vllm, but vllm is not installed.*evaluation.backend: transformers"
+    ):
         evaluate.run(config, base.path, data, str(tmp_path))
 
 

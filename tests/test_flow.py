@@ -46,18 +46,22 @@ def test_post_train_runs_end_to_end_and_registers_a_champion(prefect_server, wor
     sft_losses = client.get_metric_history(stages["sft"].info.run_id, "loss")
     by_step = sorted(sft_losses, key=lambda m: m.step)
     assert by_step[-1].value < by_step[0].value
-    assert {"kl_to_base", "entropy", "mean_token_weight", "grad_norm", "tokens_per_second"} <= set(stages["sft"].data.metrics)
-    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(stages["dpo"].data.metrics)
+    assert {"kl_to_base", "entropy", "mean_token_weight", "grad_norm", "tokens_per_second"} <= set(
+        stages["sft"].data.metrics
+    )
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(
+        stages["dpo"].data.metrics
+    )
 
-    artifacts = {
-        stage: {a.path for a in client.list_artifacts(run.info.run_id)} for stage, run in stages.items()
-    }
+    artifacts = {stage: {a.path for a in client.list_artifacts(run.info.run_id)} for stage, run in stages.items()}
     assert "sft_curves.png" in artifacts["sft"] and "dpo_curves.png" in artifacts["dpo"]
     assert {"win_rates.png", "eval_samples.json"} <= artifacts["evaluate"]
     assert "config.json" in {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
 
     # A new DPO beta reuses the cached base and SFT models and reruns only DPO onwards.
-    again = post_train(recipe="lowlr", scale="smoke", overrides={**smoke_overrides(workspace), "dpo.loss_params.beta": 0.2})
+    again = post_train(
+        recipe="lowlr", scale="smoke", overrides={**smoke_overrides(workspace), "dpo.loss_params.beta": 0.2}
+    )
     assert again["base_model"]["cache_hit"] and again["base_model"]["path"] == summary["base_model"]["path"]
     assert again["sft"]["cache_hit"] and not again["dpo"]["cache_hit"]
     assert again["model_version"] == "2"

@@ -50,7 +50,9 @@ class JudgeServer:
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
-                    server.requests.append({"path": self.path, "authorization": self.headers.get("Authorization"), "body": body})
+                    server.requests.append(
+                        {"path": self.path, "authorization": self.headers.get("Authorization"), "body": body}
+                    )
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                     fail = server.fail_next > 0
@@ -95,9 +97,17 @@ class JudgeServer:
         choice = {"index": 0, "message": {"role": "assistant", "content": better}, "finish_reason": "stop"}
         if body.get("logprobs") and self.logprobs:
             p = self.confidence
-            top = [{"token": better, "logprob": math.log(p * 0.9)}, {"token": f" {better}", "logprob": math.log(p * 0.1)},
-                   {"token": worse, "logprob": math.log(1 - p)}, {"token": "The", "logprob": -9.0}]
-            choice["logprobs"] = {"content": [{"token": better, "logprob": math.log(p * 0.9), "top_logprobs": top[: body["top_logprobs"]]}]}
+            top = [
+                {"token": better, "logprob": math.log(p * 0.9)},
+                {"token": f" {better}", "logprob": math.log(p * 0.1)},
+                {"token": worse, "logprob": math.log(1 - p)},
+                {"token": "The", "logprob": -9.0},
+            ]
+            choice["logprobs"] = {
+                "content": [
+                    {"token": better, "logprob": math.log(p * 0.9), "top_logprobs": top[: body["top_logprobs"]]}
+                ]
+            }
         return {"id": "chatcmpl-test", "object": "chat.completion", "model": body["model"], "choices": [choice]}
 
     def close(self):
@@ -113,8 +123,15 @@ def judge_server():
 
 
 def llm_settings(server: JudgeServer, tmp_path: Path, **overrides) -> LLMJudgeSettings:
-    values = {"base_url": server.base_url, "model": "judge-test", "api_key_env": KEY_ENV, "backoff_s": 0.01,
-              "cache_dir": str(tmp_path / "judge-cache"), "concurrency": 4, **overrides}
+    values = {
+        "base_url": server.base_url,
+        "model": "judge-test",
+        "api_key_env": KEY_ENV,
+        "backoff_s": 0.01,
+        "cache_dir": str(tmp_path / "judge-cache"),
+        "concurrency": 4,
+        **overrides,
+    }
     return LLMJudgeSettings(**values)
 
 
@@ -148,14 +165,20 @@ def test_llm_judge_randomises_the_order_reads_logprobs_and_maps_back(judge_serve
         assert verdict.preference == pytest.approx(0.8 if i % 2 == 0 else 0.2)
         assert verdict.source == "logprobs"
         assert verdict.candidate_shown_first == candidate_shown_first(0, prompts[i][0]["content"])
-    by_instruction = {json.loads(re.search(r'"instruction": (".*"),', r["body"]["messages"][-1]["content"]).group(1)): r
-                      for r in judge_server.requests}
+    by_instruction = {
+        json.loads(re.search(r'"instruction": (".*"),', r["body"]["messages"][-1]["content"]).group(1)): r
+        for r in judge_server.requests
+    }
     for i in range(12):
         first, second = JudgeServer.shown(by_instruction[prompts[i][0]["content"]]["body"])
         assert (first, second) == ((outputs[i], references[i]) if shown_first[i] else (references[i], outputs[i]))
     request = judge_server.requests[0]
     assert request["path"] == "/v1/chat/completions" and request["authorization"] == f"Bearer {SECRET}"
-    assert request["body"]["logprobs"] is True and request["body"]["top_logprobs"] == 5 and request["body"]["max_tokens"] == 1
+    assert (
+        request["body"]["logprobs"] is True
+        and request["body"]["top_logprobs"] == 5
+        and request["body"]["max_tokens"] == 1
+    )
     # Another seed, another order for some instructions; the same preferences.
     other = LLMJudge(llm_settings(judge_server, tmp_path, seed=1), tmp_path)
     again = other.judge(prompts[:-1], outputs[:-1], references[:-1])
@@ -182,11 +205,21 @@ def test_first_preference_reads_alpacaeval_logprobs_and_answers():
     def completion(content, top=None):
         choice = {"message": {"content": content}}
         if top is not None:
-            choice["logprobs"] = {"content": [{"token": content, "logprob": 0.0,
-                                               "top_logprobs": [{"token": t, "logprob": math.log(p)} for t, p in top]}]}
+            choice["logprobs"] = {
+                "content": [
+                    {
+                        "token": content,
+                        "logprob": 0.0,
+                        "top_logprobs": [{"token": t, "logprob": math.log(p)} for t, p in top],
+                    }
+                ]
+            }
         return {"choices": [choice]}
 
-    assert first_preference(completion("m", [("m", 0.6), ("M", 0.2), ("x", 0.2)]))[:2] == (pytest.approx(0.75), "logprobs")
+    assert first_preference(completion("m", [("m", 0.6), ("M", 0.2), ("x", 0.2)]))[:2] == (
+        pytest.approx(0.75),
+        "logprobs",
+    )
     assert first_preference(completion("M", [(" M", 0.5), ("M", 0.3), ("\nm", 0.2)]))[0] == pytest.approx(0.2)
     assert first_preference(completion("m"))[:2] == (1.0, "answer")
     assert first_preference(completion("M", [("Sure", 0.9)]))[:2] == (0.0, "answer")
@@ -280,17 +313,31 @@ def test_judge_settings_are_validated():
     with pytest.raises(ConfigError, match="judge reward_model needs evaluation.reward_model"):
         load_config("lowlr", "smoke", {"evaluation.judge": "reward_model"})
     with pytest.raises(ConfigError) as error:
-        load_config("lowlr", "smoke", {"evaluation.judge": "llm", "evaluation.llm.base_url": "ftp://x",
-                                       "evaluation.llm.model": "m", "evaluation.llm.api_key_env": SECRET})
+        load_config(
+            "lowlr",
+            "smoke",
+            {
+                "evaluation.judge": "llm",
+                "evaluation.llm.base_url": "ftp://x",
+                "evaluation.llm.model": "m",
+                "evaluation.llm.api_key_env": SECRET,
+            },
+        )
     assert "evaluation.llm.base_url" in str(error.value) and "evaluation.llm.api_key_env" in str(error.value)
     assert SECRET not in str(error.value)  # a key pasted into the wrong field is not echoed
     with pytest.raises(ConfigError, match="evaluation.backend"):
         load_config("lowlr", "smoke", {"evaluation.backend": "tgi"})
     with pytest.raises(ConfigError, match="registry.promotion_ci_lower_bound"):
         load_config("lowlr", "smoke", {"registry.promotion_ci_lower_bound": 1.5})
-    config = load_config("lowlr", "smoke", {"evaluation.judge": "llm", "evaluation.llm.base_url": "http://127.0.0.1:9/v1/",
-                                            "evaluation.llm.model": "m"})
-    assert config.evaluation.llm.base_url == "http://127.0.0.1:9/v1" and config.evaluation.llm.api_key_env == "OPENAI_API_KEY"
+    config = load_config(
+        "lowlr",
+        "smoke",
+        {"evaluation.judge": "llm", "evaluation.llm.base_url": "http://127.0.0.1:9/v1/", "evaluation.llm.model": "m"},
+    )
+    assert (
+        config.evaluation.llm.base_url == "http://127.0.0.1:9/v1"
+        and config.evaluation.llm.api_key_env == "OPENAI_API_KEY"
+    )
     assert config.evaluation.judge_settings() == config.evaluation.llm and config.evaluation.llm.model == "m"
 
 
@@ -384,7 +431,9 @@ def test_gold_judge_compares_exact_rewards_and_refuses_other_prompts(tmp_path):
     gold.check(world)
     assert gold.extra_metrics(world, verdicts[:1]) == {}
     poem = EvalExample(prompt=[{"role": "user", "content": "Write a poem."}], reference="...", split="x")
-    with pytest.raises(ConfigError, match="demo-world prompts only, and 1 of the 2 evaluation prompts are others.*Write a poem"):
+    with pytest.raises(
+        ConfigError, match="demo-world prompts only, and 1 of the 2 evaluation prompts are others.*Write a poem"
+    ):
         gold.check(world + [poem])
 
 
@@ -424,7 +473,9 @@ def test_reward_model_judge_scores_with_the_chat_template_and_gives_soft_prefere
     tokenizer = AutoTokenizer.from_pretrained(reward_model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(reward_model_dir).eval()
     for prompt, output, verdict in zip(prompts, outputs, verdicts):
-        ids = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": output}], tokenize=True, return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            prompt + [{"role": "assistant", "content": output}], tokenize=True, return_dict=True
+        )["input_ids"]
         with torch.no_grad():
             alone = float(model(input_ids=torch.tensor([list(ids)])).logits[0, 0])
         assert verdict.candidate_score == pytest.approx(alone, abs=1e-4)  # batching and padding change nothing
@@ -469,14 +520,25 @@ def test_evaluate_with_the_reward_model_judge(smoke_stages, reward_model_dir, ml
     from tasks import evaluate
 
     config, data, base = smoke_stages
-    config = load_config("lowlr", "smoke", {**_overrides(config), "evaluation.judge": "reward_model",
-                                            "evaluation.reward_model.name_or_path": str(reward_model_dir)})
+    config = load_config(
+        "lowlr",
+        "smoke",
+        {
+            **_overrides(config),
+            "evaluation.judge": "reward_model",
+            "evaluation.reward_model.name_or_path": str(reward_model_dir),
+        },
+    )
     result = evaluate.run(config, base.path, data, str(tmp_path))
     metrics = result.metrics
     assert {"reward/all", "reference_reward/all", "gold_reward/all", "lc_win_rate/all"} <= set(metrics)
     samples = json.loads((tmp_path / "eval_samples.json").read_text())
-    soft = [1 / (1 + math.exp(r - m)) if a != b else 0.5
-            for m, r, a, b in zip(samples["response_score"], samples["reference_score"], samples["response"], samples["reference"])]
+    soft = [
+        1 / (1 + math.exp(r - m)) if a != b else 0.5
+        for m, r, a, b in zip(
+            samples["response_score"], samples["reference_score"], samples["response"], samples["reference"]
+        )
+    ]
     assert metrics["win_rate/all"] == pytest.approx(sum(soft) / len(soft))
     hard = [1.0 if s > 0.5 else 0.0 if s < 0.5 else 0.5 for s in soft]
     assert metrics["win_rate_discrete/all"] == pytest.approx(sum(hard) / len(hard))
@@ -494,9 +556,15 @@ def test_the_llm_judges_api_key_never_reaches_mlflow(smoke_stages, judge_server,
 
     monkeypatch.setenv(KEY_ENV, SECRET)
     config, data, base = smoke_stages
-    overrides = {**_overrides(config), "cache_dir": str(tmp_path / "cache"), "evaluation.judge": "llm",
-                 "evaluation.llm.base_url": judge_server.base_url, "evaluation.llm.model": "judge-test",
-                 "evaluation.llm.api_key_env": KEY_ENV, "evaluation.llm.backoff_s": 0.01}
+    overrides = {
+        **_overrides(config),
+        "cache_dir": str(tmp_path / "cache"),
+        "evaluation.judge": "llm",
+        "evaluation.llm.base_url": judge_server.base_url,
+        "evaluation.llm.model": "judge-test",
+        "evaluation.llm.api_key_env": KEY_ENV,
+        "evaluation.llm.backoff_s": 0.01,
+    }
     config = load_config("lowlr", "smoke", overrides)
     output = tmp_path / "out"
     output.mkdir()

@@ -134,9 +134,7 @@ def test_sft_value_gradient_and_weights_match_the_doc(name, seed):
 
     all_hparams = dict(objective.hparams)
     logps = inputs["logps"].clone().requires_grad_(True)
-    expected_value = doc_objective(
-        name, logps, inputs["mask"], inputs["ref_logps"], inputs["old_logps"], all_hparams
-    )
+    expected_value = doc_objective(name, logps, inputs["mask"], inputs["ref_logps"], inputs["old_logps"], all_hparams)
     expected_value.backward()
     expected_weights = inputs["mask"] * doc_weights(
         name, inputs["logps"], inputs["ref_logps"], inputs["old_logps"], all_hparams

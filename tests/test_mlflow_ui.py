@@ -26,8 +26,15 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run", "--window-size=1400,1000", "--virtual-time-budget=15000",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1400,1000",
+    "--virtual-time-budget=15000",
 ]
 
 
@@ -80,13 +87,32 @@ def store_with_a_champion(tmp_path: Path) -> str:
     client = MlflowClient(uri)
     client.create_registered_model("post-train", description="Models post-trained by the post-train pipeline.")
     config = load_config("lowlr", "smoke")
-    metrics = {"win_rate/all": 0.625, "win_rate_se/all": 0.06, "win_rate_ci_low/all": 0.51, "win_rate_ci_high/all": 0.74,
-               "win_rate_discrete/all": 0.625, "lc_win_rate/all": 0.6, "avg_length/all": 40.0,
-               "reference_avg_length/all": 38.0, "num_prompts/all": 64.0}
-    card = model_card(config, "52f8effb7be13df9d171b11f6aa6c3a9.dir", "0" * 40, 0.625, metrics, None, None, True,
-                      "first version: no champion yet")
+    metrics = {
+        "win_rate/all": 0.625,
+        "win_rate_se/all": 0.06,
+        "win_rate_ci_low/all": 0.51,
+        "win_rate_ci_high/all": 0.74,
+        "win_rate_discrete/all": 0.625,
+        "lc_win_rate/all": 0.6,
+        "avg_length/all": 40.0,
+        "reference_avg_length/all": 38.0,
+        "num_prompts/all": 64.0,
+    }
+    card = model_card(
+        config,
+        "52f8effb7be13df9d171b11f6aa6c3a9.dir",
+        "0" * 40,
+        0.625,
+        metrics,
+        None,
+        None,
+        True,
+        "first version: no champion yet",
+    )
     version = client.create_model_version(
-        "post-train", source=str(model), description=card,
+        "post-train",
+        source=str(model),
+        description=card,
         tags={"win_rate": "0.6250", "lc_win_rate": "0.6000", "recipe": "lowlr", "promoted": "true"},
     )
     client.set_registered_model_alias("post-train", "champion", version.version)
@@ -98,9 +124,23 @@ def mlflow_server(store_with_a_champion: str, tmp_path: Path):
     port = free_port()
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", store_with_a_champion,
-         "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            store_with_a_champion,
+            "--default-artifact-root",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
     url = f"http://127.0.0.1:{port}"
@@ -131,8 +171,12 @@ def test_the_registered_champion_is_shown_with_its_alias_and_win_rate(mlflow_ser
     page = f"{mlflow_server}/#/models/post-train/versions/1"
 
     def chrome(*arguments: str, profile: str) -> subprocess.CompletedProcess:
-        return subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / profile}", *arguments, page],
-                              capture_output=True, text=True, timeout=180)
+        return subprocess.run(
+            [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / profile}", *arguments, page],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
 
     dom = chrome("--dump-dom", profile="profile-dom")
     assert dom.returncode == 0, dom.stderr[-3000:]

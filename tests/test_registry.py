@@ -62,7 +62,11 @@ def test_the_first_version_becomes_champion_and_a_tie_does_not_take_over(smoke_s
     second = register_model(config, base.path, 0.90, data, tmp_path, flow_run_id="run-1")
     assert not second.is_champion and second.previous_champion == "1"
     assert second.head_to_head["head_to_head/win_rate/all"] == 0.5
-    assert second.head_to_head["head_to_head/win_rate_ci_low/all"] == second.head_to_head["head_to_head/win_rate_ci_high/all"] == 0.5
+    assert (
+        second.head_to_head["head_to_head/win_rate_ci_low/all"]
+        == second.head_to_head["head_to_head/win_rate_ci_high/all"]
+        == 0.5
+    )
     assert "not above 50%" in second.reason
     assert aliases(client, "1") == {"champion"} and aliases(client, "2") == {"challenger"}
     version = client.get_model_version("post-train", "2")
@@ -71,13 +75,21 @@ def test_the_first_version_becomes_champion_and_a_tie_does_not_take_over(smoke_s
     assert "Not promoted to `champion`" in version.description
 
 
-def test_a_challenger_that_beats_the_champion_head_to_head_is_promoted(smoke_stages, silent_model, tuned_model, mlflow_store, tmp_path):  # noqa: F811
+def test_a_challenger_that_beats_the_champion_head_to_head_is_promoted(
+    smoke_stages, silent_model, tuned_model, mlflow_store, tmp_path
+):  # noqa: F811
     config, data, _ = smoke_stages
     tuned_path, _, _ = tuned_model
     client = MlflowClient(mlflow_store)
     register_model(config, silent_model, 0.0, data, tmp_path)
-    metrics = {"win_rate/all": 0.8, "win_rate_se/all": 0.05, "win_rate_ci_low/all": 0.7, "win_rate_ci_high/all": 0.9,
-               "lc_win_rate/all": 0.75, "num_prompts/all": 16.0}
+    metrics = {
+        "win_rate/all": 0.8,
+        "win_rate_se/all": 0.05,
+        "win_rate_ci_low/all": 0.7,
+        "win_rate_ci_high/all": 0.9,
+        "lc_win_rate/all": 0.75,
+        "num_prompts/all": 16.0,
+    }
     result = register_model(config, tuned_path, 0.8, data, tmp_path, metrics=metrics)
     assert result.is_champion and result.previous_champion == "1"
     head_to_head = result.head_to_head
@@ -87,22 +99,36 @@ def test_a_challenger_that_beats_the_champion_head_to_head_is_promoted(smoke_sta
     assert aliases(client, "2") == {"champion", "challenger"} and aliases(client, "1") == set()
     version = client.get_model_version("post-train", "2")
     assert version.tags["lc_win_rate"] == "0.7500" and version.tags["promoted"] == "true"
-    assert "Promoted to `champion`" in version.description and "Head to head against champion version 1" in version.description
+    assert (
+        "Promoted to `champion`" in version.description
+        and "Head to head against champion version 1" in version.description
+    )
     # The head-to-head left its samples and plot in MLflow.
-    runs = client.search_runs([client.get_experiment_by_name("post-train").experiment_id], filter_string="tags.stage = 'head-to-head'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("post-train").experiment_id], filter_string="tags.stage = 'head-to-head'"
+    )
     assert len(runs) == 1
-    assert {"head_to_head_samples.json", "head_to_head.png"} <= {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    assert {"head_to_head_samples.json", "head_to_head.png"} <= {
+        a.path for a in client.list_artifacts(runs[0].info.run_id)
+    }
 
 
-def test_the_confidence_bound_decides_with_a_soft_llm_judge(smoke_stages, silent_model, mlflow_store, tmp_path, monkeypatch):
+def test_the_confidence_bound_decides_with_a_soft_llm_judge(
+    smoke_stages, silent_model, mlflow_store, tmp_path, monkeypatch
+):
     """The judge prefers the longer output with probability 0.8: win rate 80%, CI 80-80%."""
     config, data, base = smoke_stages
     monkeypatch.setenv(KEY_ENV, SECRET)
     server = JudgeServer(confidence=0.8)
     try:
-        judge = {**smoke_overrides(Path(config.cache_dir).parent), "cache_dir": str(tmp_path / "cache"),
-                 "evaluation.judge": "llm", "evaluation.llm.base_url": server.base_url,
-                 "evaluation.llm.model": "judge-test", "evaluation.llm.api_key_env": KEY_ENV}
+        judge = {
+            **smoke_overrides(Path(config.cache_dir).parent),
+            "cache_dir": str(tmp_path / "cache"),
+            "evaluation.judge": "llm",
+            "evaluation.llm.base_url": server.base_url,
+            "evaluation.llm.model": "judge-test",
+            "evaluation.llm.api_key_env": KEY_ENV,
+        }
         strict = load_config("lowlr", "smoke", {**judge, "registry.promotion_ci_lower_bound": 0.85})
         usual = load_config("lowlr", "smoke", judge)
         assert usual.registry.promotion_ci_lower_bound == 0.5
@@ -122,8 +148,11 @@ def test_the_confidence_bound_decides_with_a_soft_llm_judge(smoke_stages, silent
 
 def test_promotion_rule():
     def outcome(rate, low, high, threshold=0.5):
-        metrics = {"head_to_head/win_rate/all": rate, "head_to_head/win_rate_ci_low/all": low,
-                   "head_to_head/win_rate_ci_high/all": high}
+        metrics = {
+            "head_to_head/win_rate/all": rate,
+            "head_to_head/win_rate_ci_low/all": low,
+            "head_to_head/win_rate_ci_high/all": high,
+        }
         return promotion_decision(HeadToHead(metrics, run_id=""), threshold)[0]
 
     assert promotion_decision(None, 0.5) == (True, "first version: no champion yet")

@@ -116,8 +116,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         server_log=root / "server.log",
         serve_log=root / "serve.log",
     )
-    stack.env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_API_URL": stack.api_url,
-                 "MLFLOW_TRACKING_URI": stack.mlflow_uri}
+    stack.env = {
+        **os.environ,
+        "PREFECT_HOME": str(prefect_home),
+        "PREFECT_API_URL": stack.api_url,
+        "MLFLOW_TRACKING_URI": stack.mlflow_uri,
+    }
     stack.env.pop("POST_TRAIN_RETRAIN_CRON", None)
     with open(stack.server_log, "wb") as server_log, open(stack.serve_log, "wb") as serve_log:
         server = start_server(port=port, prefect_home=prefect_home, log=server_log)
@@ -126,8 +130,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             wait_until_healthy(stack.api_url, server)
             serve = subprocess.Popen(
                 [sys.executable, "-m", "flows.serve", "--retrain-cron", RETRAIN_CRON],
-                cwd=REPO_ROOT, env=stack.env, stdout=serve_log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                cwd=REPO_ROOT,
+                env=stack.env,
+                stdout=serve_log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
             names = [f"post-train/{recipe}" for recipe in available_recipes()] + ["retrain/scheduled", "compare/grid"]
             wait_for_deployments(stack, names, serve)
@@ -148,10 +156,19 @@ class CliRun:
 def deployment_run(stack: Stack, name: str, **parameters: Any) -> CliRun:
     """`prefect deployment run NAME -p key=<json> ... --watch`, as typed in a shell."""
     args = [f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in parameters.items()]
-    command = [*PREFECT, "deployment", "run", name, *[part for arg in args for part in ("-p", arg)],
-               "--watch", "--watch-timeout", str(RUN_TIMEOUT_S)]
-    completed = subprocess.run(command, cwd=REPO_ROOT, env=stack.env, capture_output=True, text=True,
-                               timeout=RUN_TIMEOUT_S + 60)
+    command = [
+        *PREFECT,
+        "deployment",
+        "run",
+        name,
+        *[part for arg in args for part in ("-p", arg)],
+        "--watch",
+        "--watch-timeout",
+        str(RUN_TIMEOUT_S),
+    ]
+    completed = subprocess.run(
+        command, cwd=REPO_ROOT, env=stack.env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 60
+    )
     output = completed.stdout + completed.stderr
     found = re.search(r"UUID: ([0-9a-f-]{36})", output)
     assert found, f"no flow run created by {' '.join(command)}:\n{output}"
@@ -219,7 +236,9 @@ def test_the_server_schedules_runs_of_retrain(stack, lowlr_run):
         with prefect_api(stack.api_url) as client:
             scheduled = client.read_flow_runs(
                 deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["scheduled"])),
-                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED"]))),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED"]))
+                ),
             )
         time.sleep(2)
     assert scheduled, "no scheduled runs of retrain/scheduled"
@@ -248,7 +267,9 @@ def test_retrain_skips_when_the_champion_was_trained_on_the_same_data(stack, low
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with prefect_api(stack.api_url) as prefect:
-        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.flow_run_id])))
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.flow_run_id]))
+        )
     assert [(a.key, a.type) for a in artifacts] == [(ARTIFACT_KEY, "markdown")]
     assert "Retrain skipped" in artifacts[0].data
 

@@ -32,8 +32,16 @@ def train_with(objective_name: str, rollout_steps: int, steps: int = 4) -> dict[
                 batch["old_logps"] = target_logprobs(model, batch)[0]
 
     config = TrainConfig(learning_rate=5e-2, batch_size=4, micro_batch_size=2, max_steps=steps, warmup_ratio=0.0)
-    train(model, uneven_dataset(), pad_collate(0), step, config, make_accelerator("no"),
-          before_rollout=snapshot if objective.needs_old else None, rollout_steps=rollout_steps)
+    train(
+        model,
+        uneven_dataset(),
+        pad_collate(0),
+        step,
+        config,
+        make_accelerator("no"),
+        before_rollout=snapshot if objective.needs_old else None,
+        rollout_steps=rollout_steps,
+    )
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
@@ -49,9 +57,13 @@ def test_psft_with_a_stale_old_policy_departs_from_nll():
 
 
 @pytest.mark.parametrize("objective", sorted(SFT_OBJECTIVES))
-def test_each_objective_trains_at_smoke_scale_and_logs_its_metrics(objective, smoke_stages, shared_mlflow_store, tmp_path):
+def test_each_objective_trains_at_smoke_scale_and_logs_its_metrics(
+    objective, smoke_stages, shared_mlflow_store, tmp_path
+):
     config, data, base = smoke_stages
-    config = load_config("lowlr", "smoke", {**smoke_overrides(tmp_path), "sft.objective": objective, "sft.rollout_steps": 2})
+    config = load_config(
+        "lowlr", "smoke", {**smoke_overrides(tmp_path), "sft.objective": objective, "sft.rollout_steps": 2}
+    )
     result = sft.run(config, base.path, data, str(tmp_path / "run"))
     run = MlflowClient(shared_mlflow_store).get_run(result.run_id)
     assert {"loss", "mean_token_weight", "kl_to_base", "entropy", "learning_rate", "grad_norm"} <= set(run.data.metrics)

@@ -34,23 +34,72 @@ PREPARE_COMMAND = Stage("prepare", "tasks.prepare", key=lambda config, arguments
 
 def bad_sft_config(tmp_path: Path):
     (tmp_path / "sft.jsonl").write_text(json.dumps({"messages": []}) + "\n")
-    return load_config("lowlr", "smoke", {"data.world": None, "data.sft": str(tmp_path / "sft.jsonl"),
-                                          "data.preferences": "x", "data.eval": "y", "cache_dir": str(tmp_path / "cache")})
+    return load_config(
+        "lowlr",
+        "smoke",
+        {
+            "data.world": None,
+            "data.sft": str(tmp_path / "sft.jsonl"),
+            "data.preferences": "x",
+            "data.eval": "y",
+            "cache_dir": str(tmp_path / "cache"),
+        },
+    )
 
 
 def test_stage_command_is_plain_python_or_accelerate_launch(tmp_path: Path):
     single = stage_command("tasks.sft", tmp_path / "in.json", tmp_path / "out.json")
-    assert single[1:] == ["-m", "tasks.sft", "--inputs", str(tmp_path / "in.json"), "--outputs", str(tmp_path / "out.json")]
+    assert single[1:] == [
+        "-m",
+        "tasks.sft",
+        "--inputs",
+        str(tmp_path / "in.json"),
+        "--outputs",
+        str(tmp_path / "out.json"),
+    ]
     several = stage_command("tasks.sft", tmp_path / "in.json", tmp_path / "out.json", num_processes=2)
     # --multi_gpu: data parallel processes, on the CPU (gloo) where there is no GPU; without it
     # accelerate runs a single process there.
-    assert several[1:9] == ["-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
-                            "--main_process_port", "0", "-m"]  # 0: a free port, so stages can run side by side
-    configured = stage_command("tasks.sft", "in.json", "out.json", num_processes=16, accelerate_config="fsdp.yaml",
-                               num_machines=2, machine_rank=1, main_process_ip="10.0.0.1")
-    assert configured[3:] == ["--num_processes", "16", "--config_file", "fsdp.yaml", "--num_machines", "2",
-                              "--machine_rank", "1", "--main_process_ip", "10.0.0.1", "--main_process_port", "29500",
-                              "-m", "tasks.sft", "--inputs", "in.json", "--outputs", "out.json"]
+    assert several[1:9] == [
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--multi_gpu",
+        "--main_process_port",
+        "0",
+        "-m",
+    ]  # 0: a free port, so stages can run side by side
+    configured = stage_command(
+        "tasks.sft",
+        "in.json",
+        "out.json",
+        num_processes=16,
+        accelerate_config="fsdp.yaml",
+        num_machines=2,
+        machine_rank=1,
+        main_process_ip="10.0.0.1",
+    )
+    assert configured[3:] == [
+        "--num_processes",
+        "16",
+        "--config_file",
+        "fsdp.yaml",
+        "--num_machines",
+        "2",
+        "--machine_rank",
+        "1",
+        "--main_process_ip",
+        "10.0.0.1",
+        "--main_process_port",
+        "29500",
+        "-m",
+        "tasks.sft",
+        "--inputs",
+        "in.json",
+        "--outputs",
+        "out.json",
+    ]
 
 
 def test_a_child_process_refusal_keeps_its_type_and_message(tmp_path: Path):
@@ -127,8 +176,15 @@ def test_a_stage_key_follows_the_code_the_stage_runs_and_nothing_else(tmp_path: 
         shutil.copytree(REPO_ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     keys = {module: module_fingerprint(module, tmp_path) for module in TRAINING_STAGES}
     assert keys == {module: module_fingerprint(module) for module in TRAINING_STAGES} and len(set(keys.values())) == 3
-    for edited in ("post_train/executors/skypilot.py", "post_train/executors/local.py", "post_train/stages.py",
-                   "post_train/stage_cache.py", "flows/stages.py", "flows/pipeline.py", "tasks/evaluate.py"):
+    for edited in (
+        "post_train/executors/skypilot.py",
+        "post_train/executors/local.py",
+        "post_train/stages.py",
+        "post_train/stage_cache.py",
+        "flows/stages.py",
+        "flows/pipeline.py",
+        "tasks/evaluate.py",
+    ):
         with (tmp_path / edited).open("a") as file:
             file.write("\n# an edit to orchestration, a backend or another stage\n")
     assert {module: module_fingerprint(module, tmp_path) for module in TRAINING_STAGES} == keys
@@ -157,7 +213,7 @@ def test_no_import_cycles_between_project_modules():
 
     def visit(node: str) -> None:
         if node in path:
-            cycles.append(path[path.index(node):] + [node])
+            cycles.append(path[path.index(node) :] + [node])
             return
         if node in done:
             return
@@ -174,6 +230,7 @@ def test_no_import_cycles_between_project_modules():
 
 # --- declarations and placement -------------------------------------------------------------------
 
+
 def test_every_stage_is_declared_once_with_a_command_and_a_prefect_task():
     from flows import stages as prefect_stages
 
@@ -186,26 +243,50 @@ def test_every_stage_is_declared_once_with_a_command_and_a_prefect_task():
         if stage.key is not None:
             source = (REPO_ROOT / f"{stage.module.replace('.', '/')}.py").read_text()
             assert 'if __name__ == "__main__":\n    stage_main(run)' in source
-    tasks = [prefect_stages.prepare, prefect_stages.base_model, prefect_stages.sft, prefect_stages.dpo,
-             prefect_stages.evaluate, prefect_stages.fetch_champion, prefect_stages.head_to_head, prefect_stages.register]
+    tasks = [
+        prefect_stages.prepare,
+        prefect_stages.base_model,
+        prefect_stages.sft,
+        prefect_stages.dpo,
+        prefect_stages.evaluate,
+        prefect_stages.fetch_champion,
+        prefect_stages.head_to_head,
+        prefect_stages.register,
+    ]
     assert [task.name for task in tasks] == ["prepare", "pretrain-base-model", *names[2:]]
     for task, stage in zip(tasks, STAGE_DECLARATIONS):
         assert task.retries == len(stage.retry_delays) and task.retry_delay_seconds == list(stage.retry_delays)
 
 
 def test_per_stage_placement_overrides_the_global_compute_section():
-    config = load_config("lowlr", "smoke", {"compute.num_processes": 2, "compute.stages.evaluate.num_processes": 1,
-                                            "compute.stages.sft.accelerate_config": "single_gpu"})
+    config = load_config(
+        "lowlr",
+        "smoke",
+        {
+            "compute.num_processes": 2,
+            "compute.stages.evaluate.num_processes": 1,
+            "compute.stages.sft.accelerate_config": "single_gpu",
+        },
+    )
     assert config.compute.for_stage("evaluate").num_processes == 1
     assert config.compute.for_stage("dpo").num_processes == 2
     assert config.compute.for_stage("sft").accelerate_config == "single_gpu"
     assert config.compute.for_stage("dpo").accelerate_config is None
     with pytest.raises(ConfigError) as refused:
-        load_config("lowlr", "smoke", {"compute.stages.evaluat.backend": "local",
-                                       "compute.stages.sft.backend": "slurm", "compute.stages.dpo.num_nodes": 0})
+        load_config(
+            "lowlr",
+            "smoke",
+            {
+                "compute.stages.evaluat.backend": "local",
+                "compute.stages.sft.backend": "slurm",
+                "compute.stages.dpo.num_nodes": 0,
+            },
+        )
     message = str(refused.value)
     assert "compute.stages.evaluat" in message and "'evaluate'" in message
-    assert "compute.stages.sft.backend: Value error, 'slurm' is not a backend; expected one of local, skypilot" in message
+    assert (
+        "compute.stages.sft.backend: Value error, 'slurm' is not a backend; expected one of local, skypilot" in message
+    )
     assert "compute.stages.dpo.num_nodes" in message
 
 
@@ -230,9 +311,16 @@ def test_a_new_backend_is_one_class_and_one_registry_entry_and_placement_chooses
     monkeypatch.setitem(EXECUTORS, "recording", "tests.test_stages:RecordingExecutor")
     monkeypatch.setattr(RecordingExecutor, "ran", [])
     (tmp_path / "sft.jsonl").write_text(json.dumps({"messages": []}) + "\n")
-    overrides = {"data.world": None, "data.sft": str(tmp_path / "sft.jsonl"), "data.preferences": "x", "data.eval": "y",
-                 "cache_dir": str(tmp_path / "cache")}
-    config = load_config("lowlr", "smoke", {**overrides, "compute.backend": "recording", "compute.stages.sft.backend": "local"})
+    overrides = {
+        "data.world": None,
+        "data.sft": str(tmp_path / "sft.jsonl"),
+        "data.preferences": "x",
+        "data.eval": "y",
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    config = load_config(
+        "lowlr", "smoke", {**overrides, "compute.backend": "recording", "compute.stages.sft.backend": "local"}
+    )
     assert config.compute.for_stage("sft").backend == "local" and config.compute.for_stage("dpo").backend == "recording"
     with pytest.raises(DataError):
         run_stage(PREPARE_COMMAND, config, RunContext(str(tmp_path / "run")))

@@ -11,8 +11,16 @@ NLL = sft_objective("nll")
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -35,8 +43,15 @@ def nll_step(model, batch) -> StepOutput:
 
 def one_step(micro_batch_size: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
     model = tiny_model()
-    config = TrainConfig(learning_rate=1e-2, batch_size=8, micro_batch_size=micro_batch_size, max_steps=1,
-                         warmup_ratio=0.0, max_grad_norm=1e9, log_every=1)
+    config = TrainConfig(
+        learning_rate=1e-2,
+        batch_size=8,
+        micro_batch_size=micro_batch_size,
+        max_steps=1,
+        warmup_ratio=0.0,
+        max_grad_norm=1e9,
+        log_every=1,
+    )
     history = train(model, uneven_dataset(), pad_collate(0), nll_step, config, make_accelerator("no"))
     return {name: p.detach().clone() for name, p in model.named_parameters()}, history
 
@@ -53,8 +68,15 @@ def test_training_lowers_the_loss_and_logs_what_users_watch():
     model = tiny_model()
     config = TrainConfig(learning_rate=3e-2, batch_size=8, micro_batch_size=4, epochs=6, log_every=2, warmup_ratio=0.1)
     logged = []
-    history = train(model, uneven_dataset(), pad_collate(0), nll_step, config, make_accelerator("no"),
-                    on_log=lambda metrics, step: logged.append((step, metrics)))
+    history = train(
+        model,
+        uneven_dataset(),
+        pad_collate(0),
+        nll_step,
+        config,
+        make_accelerator("no"),
+        on_log=lambda metrics, step: logged.append((step, metrics)),
+    )
     assert history[-1]["loss"] < history[0]["loss"] - 0.3
     assert [step for step, _ in logged] == [entry["step"] for entry in history]
     assert {"loss", "learning_rate", "grad_norm", "tokens_per_second"} <= set(logged[-1][1])
@@ -70,7 +92,15 @@ def test_diagnostics_run_on_their_own_schedule():
         calls.append(True)
         return {"probe": 1.0}
 
-    history = train(tiny_model(), uneven_dataset(), pad_collate(0), nll_step, config, make_accelerator("no"),
-                    diagnostics=diagnostics, diagnostics_every=3)
+    history = train(
+        tiny_model(),
+        uneven_dataset(),
+        pad_collate(0),
+        nll_step,
+        config,
+        make_accelerator("no"),
+        diagnostics=diagnostics,
+        diagnostics_every=3,
+    )
     assert [entry["step"] for entry in history if "probe" in entry] == [1, 3, 6]
     assert [entry["step"] for entry in history] == [1, 3, 4, 6]

@@ -116,5 +116,7 @@ def test_standard_error_and_discrete_win_rate_follow_alpacaeval():
 def test_rank_correlation_is_spearman():
     assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert rank_correlation([1, 2, 2, 3], [1, 3, 3, 2]) == pytest.approx(1 / 3)  # scipy.stats.spearmanr's value, with ties
+    assert rank_correlation([1, 2, 2, 3], [1, 3, 3, 2]) == pytest.approx(
+        1 / 3
+    )  # scipy.stats.spearmanr's value, with ties
     assert math.isnan(rank_correlation([1, 1, 1], [1, 2, 3]))

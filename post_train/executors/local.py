@@ -39,8 +39,16 @@ def stage_command(
     if num_machines > 1:
         if not main_process_ip:
             raise ValueError("several machines need the main process's IP address")
-        command += ["--num_machines", str(num_machines), "--machine_rank", str(machine_rank),
-                    "--main_process_ip", main_process_ip, "--main_process_port", str(main_process_port)]
+        command += [
+            "--num_machines",
+            str(num_machines),
+            "--machine_rank",
+            str(machine_rank),
+            "--main_process_ip",
+            main_process_ip,
+            "--main_process_port",
+            str(main_process_port),
+        ]
     else:
         command += ["--main_process_port", "0"]  # accelerate picks a free one
     return [*command, *arguments]

@@ -41,7 +41,15 @@ from post_train.config import REPO_ROOT, ConfigError, PipelineConfig
 from post_train.executors.local import MAIN_PROCESS_PORT, stage_command
 from post_train.stage_io import StageFailed
 
-TERMINAL = {"SUCCEEDED", "CANCELLED", "FAILED", "FAILED_SETUP", "FAILED_PRECHECKS", "FAILED_NO_RESOURCE", "FAILED_CONTROLLER"}
+TERMINAL = {
+    "SUCCEEDED",
+    "CANCELLED",
+    "FAILED",
+    "FAILED_SETUP",
+    "FAILED_PRECHECKS",
+    "FAILED_NO_RESOURCE",
+    "FAILED_CONTROLLER",
+}
 """SkyPilot's terminal managed-job statuses (sky.jobs.state.ManagedJobStatus)."""
 SECRETS = ("HF_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 """Passed to the job with `--secret` (redacted by SkyPilot) when set on the launching machine."""
@@ -79,13 +87,20 @@ def _paths_in(value: Any) -> list[str]:
     return []
 
 
-def preflight(config: PipelineConfig, arguments: Mapping[str, Any] = {}, environ: Mapping[str, str] = os.environ) -> None:
+def preflight(
+    config: PipelineConfig, arguments: Mapping[str, Any] = {}, environ: Mapping[str, str] = os.environ
+) -> None:
     """Everything a cloud stage needs that can be checked here, before any work: a ConfigError names what is missing."""
     compute = config.compute
     if not sky_path(config).is_file():
-        raise ConfigError(f"compute.backend skypilot: {sky_path(config)} not found; run `make sky-env` (or set compute.sky_bin)")
+        raise ConfigError(
+            f"compute.backend skypilot: {sky_path(config)} not found; run `make sky-env` (or set compute.sky_bin)"
+        )
     if compute.bucket is None:
-        raise ConfigError("compute.backend skypilot needs compute.bucket (s3://..., gs://..., r2://...), mounted at compute.remote_root")
+        raise ConfigError(
+            "compute.backend skypilot needs compute.bucket (s3://..., gs://..., r2://...), "
+            "mounted at compute.remote_root"
+        )
     if not Path(compute.remote_root).is_dir():
         raise ConfigError(
             f"compute.remote_root {compute.remote_root} is not a directory here: mount {compute.bucket} there on this "
@@ -93,10 +108,13 @@ def preflight(config: PipelineConfig, arguments: Mapping[str, Any] = {}, environ
         )
     remote_tracking_uri(environ)
     compute.accelerate_config_path(in_repository=True)
-    outside = [path for value in arguments.values() for path in _paths_in(value) if not _inside_root(path, compute.remote_root)]
+    outside = [
+        path for value in arguments.values() for path in _paths_in(value) if not _inside_root(path, compute.remote_root)
+    ]
     if outside:
         raise ConfigError(
-            f"compute.backend skypilot: {', '.join(outside)} cannot be seen from the cloud machines; put data and models "
+            f"compute.backend skypilot: {', '.join(outside)} cannot be seen from the cloud machines; "
+            "put data and models "
             f"inside compute.remote_root ({compute.remote_root}) or use Hugging Face Hub names"
         )
 
@@ -135,9 +153,22 @@ def submit_command(
     }
     remote_tracking_uri(environ)
     command = [
-        str(sky_path(config)), "jobs", "launch", str(REPO_ROOT / compute.task_yaml),
-        "--name", name, "--yes", "--detach-run", "--workdir", str(REPO_ROOT),
-        "--num-nodes", str(nodes), "--gpus", gpus, "--disk-size", str(compute.disk_size),
+        str(sky_path(config)),
+        "jobs",
+        "launch",
+        str(REPO_ROOT / compute.task_yaml),
+        "--name",
+        name,
+        "--yes",
+        "--detach-run",
+        "--workdir",
+        str(REPO_ROOT),
+        "--num-nodes",
+        str(nodes),
+        "--gpus",
+        gpus,
+        "--disk-size",
+        str(compute.disk_size),
         "--use-spot" if compute.use_spot else "--no-use-spot",
     ]
     if compute.infra:
@@ -169,7 +200,7 @@ def cancel_command(config: PipelineConfig, name: str) -> list[str]:
 
 
 def job_record(queue_output: str, name: str) -> dict[str, Any] | None:
-    """The newest record named `name` in `sky jobs queue --output json` (a JSON list, maybe after log lines), or None."""
+    """The newest record named `name` in `sky jobs queue --output json` (a JSON list, maybe after logs), or None."""
     lines = queue_output.splitlines()
     for start, line in enumerate(lines):
         if line.startswith("["):
@@ -216,8 +247,10 @@ def run_managed_job(
             failures = failures + 1 if record is None else 0
             if failures >= MAX_STATUS_FAILURES:  # cancel it, so a retry does not run the stage twice
                 run(cancel_command(config, name), env=env)
-                return 1, (f"managed job {name}: no status after {failures} tries of `sky jobs queue`; cancelled "
-                           f"(check with `sky jobs queue`)")
+                return 1, (
+                    f"managed job {name}: no status after {failures} tries of `sky jobs queue`; cancelled "
+                    f"(check with `sky jobs queue`)"
+                )
             sleep(POLL_SECONDS)
     except BaseException:
         run(cancel_command(config, name), env=env)
@@ -255,7 +288,9 @@ def node_command(environ: Mapping[str, str]) -> list[str]:
     if nodes > 1 and len(ips) != nodes:
         raise StageFailed(f"SKYPILOT_NUM_NODES is {nodes} but SKYPILOT_NODE_IPS lists {len(ips)} addresses")
     return stage_command(
-        module, inputs, outputs,
+        module,
+        inputs,
+        outputs,
         num_processes=nodes * gpus,
         accelerate_config=environ.get("ACCELERATE_CONFIG") or None,
         num_machines=nodes,

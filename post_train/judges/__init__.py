@@ -29,7 +29,10 @@ def judge_class(name: str) -> Any:
 
 
 def make_judge(evaluation: Any, cache_dir: str | Path) -> Any:
-    """The judge `evaluation.judge` (an `EvaluationConfig`) names, started with its settings (ConfigError when it cannot start)."""
+    """The judge `evaluation.judge` (an `EvaluationConfig`) names, started with its settings.
+
+    Raises ConfigError when it cannot start.
+    """
     return judge_class(evaluation.judge)(evaluation.judge_settings(), cache_dir)
 
 

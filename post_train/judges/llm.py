@@ -40,19 +40,23 @@ class LLMJudgeSettings(JudgeSettings):
     base_url: str = Field(description="Endpoint root, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1.")
     model: str = Field(min_length=1, description="The judge model's name at that endpoint.")
     api_key_env: str | None = Field(
-        default="OPENAI_API_KEY", description="Name of the environment variable that holds the API key; null: no key.",
+        default="OPENAI_API_KEY",
+        description="Name of the environment variable that holds the API key; null: no key.",
     )
     logprobs: bool = Field(default=True, description="Ask for top log-probs and read the preference from them.")
     top_logprobs: int = Field(default=5, ge=2, le=20)
     max_tokens: int = Field(default=1, ge=1, description="Tokens the judge may answer with (one identifier).")
     temperature: float = Field(default=0.0, ge=0)
     timeout_s: float = Field(default=60.0, gt=0, description="Per request.")
-    max_retries: int = Field(default=5, ge=0, description="Retries of a request on a timeout, a connection error, 429 or 5xx.")
+    max_retries: int = Field(
+        default=5, ge=0, description="Retries of a request on a timeout, a connection error, 429 or 5xx."
+    )
     backoff_s: float = Field(default=1.0, ge=0, description="First retry delay; doubles each retry (capped at 60 s).")
     concurrency: int = Field(default=8, ge=1, description="Requests in flight at once.")
     seed: int = Field(default=0, description="Seeds the per-instruction order of the two outputs.")
     cache_dir: str | None = Field(
-        default=None, description="Directory of the response cache (SQLite); default `<cache_dir>/judge`.",
+        default=None,
+        description="Directory of the response cache (SQLite); default `<cache_dir>/judge`.",
     )
 
     @field_validator("base_url")
@@ -67,7 +71,9 @@ class LLMJudgeSettings(JudgeSettings):
     def _env_name(cls, value: str | None) -> str | None:
         if value is not None and not value.replace("_", "a").isalnum():
             # The value is not echoed: it might be the key itself, put here by mistake.
-            raise ValueError("not an environment variable name; give the variable's NAME (e.g. OPENAI_API_KEY), never the key")
+            raise ValueError(
+                "not an environment variable name; give the variable's NAME (e.g. OPENAI_API_KEY), never the key"
+            )
         return value
 
 
@@ -128,7 +134,9 @@ class JudgeError(RuntimeError):
 
 def judge_messages(instruction: str, output_1: str, output_2: str) -> list[dict[str, str]]:
     """AlpacaEval 2's pairwise question with `output_1` as `m` and `output_2` as `M` (JSON-quoted)."""
-    user = USER_PROMPT.format(instruction=json.dumps(instruction), output_1=json.dumps(output_1), output_2=json.dumps(output_2))
+    user = USER_PROMPT.format(
+        instruction=json.dumps(instruction), output_1=json.dumps(output_1), output_2=json.dumps(output_2)
+    )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
@@ -177,7 +185,9 @@ class ResponseCache:
         self._lock = threading.Lock()
         self._connection = sqlite3.connect(str(path), check_same_thread=False, timeout=60)
         with self._lock, self._connection:
-            self._connection.execute("CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._connection.execute(
+                "CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
 
     @staticmethod
     def key(judge_model: str, instruction: str, output_1: str, output_2: str) -> str:
@@ -191,7 +201,9 @@ class ResponseCache:
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         with self._lock, self._connection:
-            self._connection.execute("INSERT OR REPLACE INTO judgements (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+            self._connection.execute(
+                "INSERT OR REPLACE INTO judgements (key, value) VALUES (?, ?)", (key, json.dumps(value))
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -227,13 +239,20 @@ class LLMJudge(Judge):
         self._count_lock = threading.Lock()
 
     def describe(self):
-        return {"judge": self.name, "llm.model": self.settings.model, "llm.base_url": self.settings.base_url,
-                "llm.api_key_env": self.settings.api_key_env or "none", "llm.prompt": PROMPT_VERSION}
+        return {
+            "judge": self.name,
+            "llm.model": self.settings.model,
+            "llm.base_url": self.settings.base_url,
+            "llm.api_key_env": self.settings.api_key_env or "none",
+            "llm.prompt": PROMPT_VERSION,
+        }
 
     def _body(self, messages: list[dict[str, str]]) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": self.settings.model, "messages": messages,
-            "max_tokens": self.settings.max_tokens, "temperature": self.settings.temperature,
+            "model": self.settings.model,
+            "messages": messages,
+            "max_tokens": self.settings.max_tokens,
+            "temperature": self.settings.temperature,
         }
         if self.settings.logprobs:
             body.update(logprobs=True, top_logprobs=self.settings.top_logprobs)
@@ -271,7 +290,13 @@ class LLMJudge(Judge):
                         f"HTTP {response.status_code}: {response.text[:500]}"
                     )
             if attempt < self.settings.max_retries:
-                logger.warning("judge request failed (%s); retry %d/%d in %.2f s", last, attempt + 1, self.settings.max_retries, delay)
+                logger.warning(
+                    "judge request failed (%s); retry %d/%d in %.2f s",
+                    last,
+                    attempt + 1,
+                    self.settings.max_retries,
+                    delay,
+                )
                 time.sleep(delay)
         raise JudgeError(f"judge endpoint {self.url} failed after {self.settings.max_retries + 1} attempts: {last}")
 
@@ -318,8 +343,11 @@ class LLMJudge(Judge):
 
     def extra_metrics(self, examples, verdicts):
         """Requests sent (retries included), answers taken from the cache, and answers that named neither output."""
-        return {"judge_requests": float(self.requests), "judge_cache_hits": float(self.cache_hits),
-                "judge_unparsed": float(sum(v.source == "unparsed" for v in verdicts))}
+        return {
+            "judge_requests": float(self.requests),
+            "judge_cache_hits": float(self.cache_hits),
+            "judge_unparsed": float(sum(v.source == "unparsed" for v in verdicts)),
+        }
 
     def close(self) -> None:
         self._client.close()

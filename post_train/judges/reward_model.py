@@ -17,11 +17,16 @@ from post_train.judges.base import Judge, JudgeSettings, Messages, Verdict
 class RewardModelJudgeSettings(JudgeSettings):
     """`evaluation.reward_model`: a local or Hub sequence-classification model with one output (a reward)."""
 
-    name_or_path: str = Field(min_length=1, description="AutoModelForSequenceClassification (num_labels=1): a directory or Hub name.")
+    name_or_path: str = Field(
+        min_length=1, description="AutoModelForSequenceClassification (num_labels=1): a directory or Hub name."
+    )
     batch_size: int = Field(default=16, ge=1)
-    max_length: int = Field(default=1024, ge=8, description="Tokens of prompt + response; longer ones lose their start.")
+    max_length: int = Field(
+        default=1024, ge=8, description="Tokens of prompt + response; longer ones lose their start."
+    )
     chat_template: str | None = Field(
-        default=None, description="Jinja chat template for a reward model whose tokenizer has none.",
+        default=None,
+        description="Jinja chat template for a reward model whose tokenizer has none.",
     )
 
 
@@ -103,11 +108,13 @@ class RewardModelJudge(Judge):
         ]
 
     def extra_metrics(self, examples, verdicts):
-        """`reward/<split>` and `reference_reward/<split>`: the mean scores of the candidate's and the baseline's outputs."""
+        """`reward/<split>` and `reference_reward/<split>`: mean scores of the candidate's and baseline's outputs."""
         from post_train.evaluation import split_means
 
         splits = [example.split for example in examples]
         candidate = split_means(splits, [verdict.candidate_score for verdict in verdicts])
         baseline = split_means(splits, [verdict.baseline_score for verdict in verdicts])
-        return {**{f"reward/{split}": mean for split, mean in candidate.items()},
-                **{f"reference_reward/{split}": mean for split, mean in baseline.items()}}
+        return {
+            **{f"reward/{split}": mean for split, mean in candidate.items()},
+            **{f"reference_reward/{split}": mean for split, mean in baseline.items()},
+        }
