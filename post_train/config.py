@@ -51,6 +51,11 @@ class TrainConfig(StrictModel):
     max_length: int = Field(default=256, ge=8, description="Tokens per sequence; longer ones are truncated.")
     log_every: int = Field(default=5, ge=1)
     seed: int = 0
+    padding_free: bool = Field(
+        default=True,
+        description="Concatenate a micro-batch's sequences into one row (position ids restart per sequence, no "
+        "attention across them) instead of padding them to the longest.",
+    )
 
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> "TrainConfig":

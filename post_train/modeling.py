@@ -84,8 +84,16 @@ def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, An
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
+def _aligned_values(examples: list[dict[str, Any]]) -> list[str]:
+    """Keys of the extra per-example values (reference log-probs, old-policy log-probs, ...)."""
+    return sorted(examples[0].keys() - {"input_ids", "loss_mask"})
+
+
 def pad_collate(pad_token_id: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
-    """Right-pads `input_ids` and `loss_mask`; `num_units` counts the predicted tokens that count."""
+    """Right-pads `input_ids` and `loss_mask` to [B, T]; `num_units` counts the predicted tokens that count.
+
+    Extra per-token values (lists aligned with the predicted tokens) become [B, T-1], scalars [B].
+    """
 
     def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
         input_ids, attention_mask = pad_token_rows([example["input_ids"] for example in examples], pad_token_id)
@@ -95,9 +103,10 @@ def pad_collate(pad_token_id: int) -> Callable[[list[dict[str, Any]]], dict[str,
             loss_mask[row, : len(example["loss_mask"])] = torch.tensor(example["loss_mask"], dtype=torch.bool)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
         batch["num_units"] = int(loss_mask[:, 1:].sum())
-        for key in examples[0].keys() - {"input_ids", "loss_mask"}:
+        batch["num_tokens"] = int(attention_mask.sum())
+        for key in _aligned_values(examples):
             values = [example[key] for example in examples]
-            if isinstance(values[0], list):  # per-token values, aligned with the predicted tokens
+            if isinstance(values[0], list):
                 padded = torch.zeros((len(examples), width - 1), dtype=torch.float32)
                 for row, value in enumerate(values):
                     padded[row, : len(value)] = torch.tensor(value)
@@ -109,11 +118,79 @@ def pad_collate(pad_token_id: int) -> Callable[[list[dict[str, Any]]], dict[str,
     return collate
 
 
+def pack_collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The examples concatenated into one row [1, N] with no padding (`padding_free`).
+
+    `position_ids` restart at 0 with every sequence: with no attention mask, transformers builds
+    an attention in which no token sees another sequence (packed-sequence masks), and each
+    sequence is scored as it would be alone. The first token of each sequence is never a target
+    (it would be predicted from the previous sequence). `sequence_ids` [1, N-1] says which
+    sequence each predicted token belongs to, for per-sequence sums (`sequence_sums`).
+    Extra per-token values become [1, N-1] in the same layout, scalars [S].
+    """
+    lengths = [len(example["input_ids"]) for example in examples]
+    input_ids = torch.tensor([token for example in examples for token in example["input_ids"]], dtype=torch.long)
+    loss_mask = torch.tensor([keep for example in examples for keep in example["loss_mask"]], dtype=torch.bool)
+    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+    loss_mask[starts] = False
+    position_ids = torch.cat([torch.arange(length) for length in lengths])
+    sequence_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    batch = {
+        "input_ids": input_ids[None],
+        "position_ids": position_ids[None],
+        "loss_mask": loss_mask[None],
+        "sequence_ids": sequence_ids[None, :-1],
+        "num_sequences": len(lengths),
+        "num_units": int(loss_mask.sum()),
+        "num_tokens": len(input_ids),
+    }
+    for key in _aligned_values(examples):
+        values = [example[key] for example in examples]
+        if isinstance(values[0], list):
+            packed = torch.zeros(len(input_ids), dtype=torch.float32)
+            for start, value in zip(starts.tolist(), values):
+                packed[start : start + len(value)] = torch.tensor(value, dtype=torch.float32)
+            batch[key] = packed[None, :-1]
+        else:
+            batch[key] = torch.tensor(values)
+    return batch
+
+
+def batch_collate(padding_free: bool, pad_token_id: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """How a training stage turns examples into micro-batches: packed rows, or padded ones."""
+    return pack_collate if padding_free else pad_collate(pad_token_id)
+
+
+def sequence_sums(values: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """Per-sequence sums [S] of per-token values [R, T-1] (zero where nothing counts), in either layout."""
+    if "sequence_ids" not in batch:
+        return values.sum(-1)
+    sums = torch.zeros(batch["num_sequences"], dtype=values.dtype, device=values.device)
+    return sums.index_add(0, batch["sequence_ids"].reshape(-1), values.reshape(-1))
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """What the model is called with: packed rows by their position ids, padded rows by their attention mask."""
+    if "position_ids" in batch:  # transformers detects packing only without a KV cache
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
 def target_logprobs(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of each next token and the mask of those that count, both [B, T-1]."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps = token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:])
-    return logps, batch["loss_mask"][:, 1:]
+    """Log-probs of each next token that counts and the mask of those that count, both [R, T-1].
+
+    The output layer runs only at the positions whose next token counts (`logits_to_keep` as a
+    mask), so prompt tokens and padding never reach it and the logits are never [R, T, V];
+    positions that do not count get 0. Works on padded (`pad_collate`) and packed (`pack_collate`)
+    batches.
+    """
+    mask = batch["loss_mask"][:, 1:]
+    keep = torch.nn.functional.pad(mask, (0, 1))  # position t predicts token t + 1
+    logits = model(**model_inputs(batch), logits_to_keep=keep).logits
+    counted = token_logprobs(logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:][mask])
+    logps = torch.zeros(mask.shape, dtype=counted.dtype, device=counted.device)
+    logps[mask] = counted
+    return logps, mask
 
 
 @torch.no_grad()

@@ -39,8 +39,9 @@ from post_train.config import TrainConfig
 class StepOutput:
     loss_sum: torch.Tensor
     """The objective summed over the micro-batch's units; differentiable."""
-    metric_sums: dict[str, float] = field(default_factory=dict)
-    """Other per-unit quantities summed over the micro-batch, logged as global means."""
+    metric_sums: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    """Other per-unit quantities summed over the micro-batch, logged as global means (detached tensors are
+    read only when the step is logged, so a step needs no host sync for them)."""
 
 
 StepFn = Callable[[torch.nn.Module, dict[str, Any]], StepOutput]
@@ -183,7 +184,7 @@ def train(
         # Each process's summed loss x processes / global units: DDP's gradient averaging over
         # processes then gives the gradient of the global token (or pair) mean.
         scale = accelerator.num_processes / max(global_units, 1) * (accumulation if deepspeed else 1)
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, float | torch.Tensor] = defaultdict(float)
         step_tokens = 0
         for index, batch in enumerate(group):
             is_last = index == len(group) - 1
@@ -192,10 +193,10 @@ def train(
             with nullcontext() if is_last else accelerator.no_sync(model):
                 out = step_fn(model, batch)
                 accelerator.backward(out.loss_sum * scale)
-            sums["loss"] += out.loss_sum.item()
+            sums["loss"] += out.loss_sum.detach()
             for name, value in out.metric_sums.items():
                 sums[name] += value
-            step_tokens += int(batch["attention_mask"].sum())
+            step_tokens += batch["num_tokens"]
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -207,7 +208,8 @@ def train(
         run_diagnostics = diagnostics is not None and diagnostics_every > 0 and (step % diagnostics_every == 0 or edge)
         if run_diagnostics or step % config.log_every == 0 or edge:
             names = sorted(sums)
-            totals = accelerator.reduce(torch.tensor([sums[n] for n in names], device=accelerator.device), "sum")
+            local = torch.stack([torch.as_tensor(sums[n], dtype=torch.float64).to(accelerator.device) for n in names])
+            totals = accelerator.reduce(local, "sum")
             metrics = {name: value / max(global_units, 1) for name, value in zip(names, totals.tolist())}
             metrics["learning_rate"] = learning_rate
             metrics["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)

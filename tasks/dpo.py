@@ -16,7 +16,15 @@ import torch
 from losses import PairLogps, preference_loss, preference_metrics
 from post_train.config import PipelineConfig
 from post_train.data import PreferenceExample, completion_example, load_dataset_checked, tokenize_examples
-from post_train.modeling import load_frozen, load_model, load_tokenizer, pad_collate, target_logprobs
+from post_train.modeling import (
+    batch_collate,
+    load_frozen,
+    load_model,
+    load_tokenizer,
+    pad_collate,
+    sequence_sums,
+    target_logprobs,
+)
 from post_train.reference import reference_logps
 from post_train.results import PreparedData, TrainedModel
 from post_train.stage_io import stage_main
@@ -38,12 +46,12 @@ def pair_examples(
     return tokenize_examples(examples, encode, max_length, source)
 
 
-def pair_collate(pad_token_id: int):
-    """2B padded rows (chosen, then rejected) plus the pairs' reference log-probs when known."""
-    pad = pad_collate(pad_token_id)
+def pair_collate(padding_free: bool, pad_token_id: int):
+    """2B sequences (chosen, then rejected), packed or padded, plus the pairs' reference log-probs when known."""
+    sequences = batch_collate(padding_free, pad_token_id)
 
     def collate(pairs: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = pad([pair["chosen"] for pair in pairs] + [pair["rejected"] for pair in pairs])
+        batch = sequences([pair["chosen"] for pair in pairs] + [pair["rejected"] for pair in pairs])
         if "ref_chosen" in pairs[0]:
             batch["ref_chosen"] = torch.tensor([pair["ref_chosen"] for pair in pairs])
             batch["ref_rejected"] = torch.tensor([pair["ref_rejected"] for pair in pairs])
@@ -58,8 +66,8 @@ def sequence_logps(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed response log-probs and response lengths of the chosen and rejected halves."""
     logps, mask = target_logprobs(model, batch)
-    sums = (logps * mask).sum(-1)
-    lengths = mask.sum(-1)
+    sums = sequence_sums(logps * mask, batch)
+    lengths = sequence_sums(mask.to(logps.dtype), batch)
     half = sums.shape[0] // 2
     return sums[:half], sums[half:], lengths[:half], lengths[half:]
 
@@ -90,7 +98,7 @@ def run(
     pairs = pair_examples(
         tokenizer, load_dataset_checked(data.preferences, "preferences"), settings.max_length, data.preferences
     )
-    collate = pair_collate(tokenizer.pad_token_id)
+    collate = pair_collate(settings.padding_free, tokenizer.pad_token_id)
     accelerator = make_accelerator(config.mixed_precision)
     reference_cache_hit = None
     if loss.needs_ref:

@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 
 from losses import sft_objective
 from post_train.config import PipelineConfig
-from post_train.modeling import pad_collate, target_logprobs
+from post_train.modeling import batch_collate, target_logprobs
 from post_train.results import PreparedData, TrainedModel
 from post_train.stage_io import stage_main
 from post_train.tracking import is_main_process, log_curves, stage_run
@@ -56,7 +56,7 @@ def _pretrain(
     history = train(
         model,
         dataset,
-        pad_collate(tokenizer.pad_token_id),
+        batch_collate(settings.train.padding_free, tokenizer.pad_token_id),
         step,
         settings.train,
         accelerator,

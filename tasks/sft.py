@@ -19,6 +19,7 @@ from losses import sft_objective
 from post_train.config import PipelineConfig
 from post_train.data import EvalExample, SFTExample, completion_example, load_dataset_checked, tokenize_examples
 from post_train.modeling import (
+    batch_collate,
     entropy_and_kl_of_batch,
     load_frozen,
     load_model,
@@ -74,7 +75,7 @@ def run(
     objective = sft_objective(settings.objective, **settings.objective_params)
     tokenizer = load_tokenizer(base_model_path, config.model.resolved_chat_template())
     dataset = sft_examples(tokenizer, load_dataset_checked(data.sft, "sft"), settings.max_length, data.sft)
-    collate = pad_collate(tokenizer.pad_token_id)
+    collate = batch_collate(settings.padding_free, tokenizer.pad_token_id)
     accelerator = make_accelerator(config.mixed_precision)
     base = load_frozen(base_model_path, accelerator.device, frozen_dtype(accelerator))
     reference_cache_hit = None
@@ -83,7 +84,7 @@ def run(
             lambda: base,
             base_model_path,
             dataset,
-            collate,
+            pad_collate(tokenizer.pad_token_id),
             settings.micro_batch_size,
             Path(config.cache_dir),
             accelerator.device,
@@ -103,7 +104,7 @@ def run(
     def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
         logps, mask = target_logprobs(model, batch)
         out = objective(logps, mask, ref_logps=batch.get("ref_logps"), old_logps=batch.get("old_logps"))
-        return StepOutput(out.loss * mask.sum(), {"mean_token_weight": float(out.weights.sum())})
+        return StepOutput(out.loss * mask.sum(), {"mean_token_weight": out.weights.sum().detach()})
 
     def drift_from_base(trained: torch.nn.Module) -> dict[str, float]:
         measured = entropy_and_kl_of_batch(trained, base, diagnostics_batch)

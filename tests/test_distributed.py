@@ -19,7 +19,7 @@ import torch
 
 from post_train.config import TrainConfig
 from post_train.executors.local import stage_command
-from post_train.modeling import pad_collate
+from post_train.modeling import pack_collate, pad_collate
 from post_train.reference import reference_logps
 from post_train.training import latest_checkpoint, make_accelerator, train
 from tests.test_training import nll_step, tiny_model, uneven_dataset
@@ -47,7 +47,7 @@ def run_training(checkpoint_dir: Path | None = None, step_fn=nll_step, on_log=No
     history = train(
         model,
         uneven_dataset(ROWS),
-        pad_collate(0),
+        pack_collate,
         step_fn,
         CONFIG,
         make_accelerator("no"),
@@ -81,7 +81,7 @@ def worker(out_dir: Path) -> None:
     history = train(
         model,
         uneven_dataset(ROWS),
-        pad_collate(0),
+        pack_collate,
         nll_step,
         CONFIG,
         accelerator,

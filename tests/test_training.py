@@ -1,9 +1,10 @@
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from losses import sft_objective
 from post_train.config import TrainConfig
-from post_train.modeling import pad_collate, target_logprobs
+from post_train.modeling import pack_collate, pad_collate, sequence_sums, target_logprobs
 from post_train.training import StepOutput, make_accelerator, train
 
 NLL = sft_objective("nll")
@@ -41,7 +42,7 @@ def nll_step(model, batch) -> StepOutput:
     return StepOutput(NLL(logps, mask).loss * mask.sum())
 
 
-def one_step(micro_batch_size: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def one_step(micro_batch_size: int, collate=None) -> tuple[dict[str, torch.Tensor], list[dict]]:
     model = tiny_model()
     config = TrainConfig(
         learning_rate=1e-2,
@@ -52,8 +53,39 @@ def one_step(micro_batch_size: int) -> tuple[dict[str, torch.Tensor], list[dict]
         max_grad_norm=1e9,
         log_every=1,
     )
-    history = train(model, uneven_dataset(), pad_collate(0), nll_step, config, make_accelerator("no"))
+    history = train(model, uneven_dataset(), collate or pad_collate(0), nll_step, config, make_accelerator("no"))
     return {name: p.detach().clone() for name, p in model.named_parameters()}, history
+
+
+def test_packed_sequences_are_scored_as_if_alone():
+    """No token attends across a sequence boundary, and no boundary token is a target: the per-sequence
+    log-probs and their gradients of one packed row equal those of each sequence run by itself."""
+    model = tiny_model().double()
+    rows = uneven_dataset(6)
+    rows[2] = {**rows[2], "loss_mask": [True] * len(rows[2]["input_ids"])}  # pretraining-style: every token counts
+    packed = pack_collate(rows)
+    assert packed["input_ids"].shape == (1, sum(len(row["input_ids"]) for row in rows))
+    logps, mask = target_logprobs(model, packed)
+    sums = sequence_sums(logps * mask, packed)
+    alone = []
+    for row in rows:
+        row_logps, row_mask = target_logprobs(model, pad_collate(0)([row]))
+        alone.append((row_logps * row_mask).sum())
+    alone = torch.stack(alone)
+    torch.testing.assert_close(sums, alone, rtol=1e-10, atol=1e-10)
+    assert packed["num_units"] == sum(sum(row["loss_mask"][1:]) for row in rows)
+    gradient = torch.autograd.grad(sums.sum(), list(model.parameters()))
+    expected = torch.autograd.grad(alone.sum(), list(model.parameters()))
+    for got, want in zip(gradient, expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_packed_and_padded_training_take_the_same_step():
+    padded, padded_history = one_step(micro_batch_size=4)
+    packed, packed_history = one_step(micro_batch_size=4, collate=pack_collate)
+    assert packed_history[0]["loss"] == pytest.approx(padded_history[0]["loss"], rel=1e-5)
+    for name in padded:
+        torch.testing.assert_close(packed[name], padded[name], rtol=1e-4, atol=1e-6)
 
 
 def test_gradient_accumulation_normalises_by_the_global_token_count():
