@@ -5,7 +5,7 @@
 - ``token_logprobs`` / ``token_entropy_and_kl``: chunked fp32 log-prob helpers.
 """
 
-from losses.logprobs import token_entropy_and_kl, token_logprobs
+from losses.logprobs import fused_target_logprobs, token_entropy_and_kl, token_logprobs
 from losses.preference import (
     PREFERENCE_LOSSES,
     PairLogps,
@@ -26,6 +26,7 @@ __all__ = [
     "SFTOutput",
     "preference_loss",
     "preference_metrics",
+    "fused_target_logprobs",
     "sft_objective",
     "token_entropy_and_kl",
     "token_logprobs",

@@ -51,6 +51,19 @@ class TrainConfig(StrictModel):
     max_length: int = Field(default=256, ge=8, description="Tokens per sequence; longer ones are truncated.")
     log_every: int = Field(default=5, ge=1)
     seed: int = 0
+    divergence_factor: float | None = Field(
+        default=10.0,
+        gt=1,
+        description="Stop training when a step's loss is more than this many times its running level (an "
+        "exponential average of the earlier steps' losses, when that level is positive); null turns the check off. "
+        "A non-finite loss or gradient norm always stops it.",
+    )
+    fused_logprobs: bool = Field(
+        default=True,
+        description="Compute target log-probs from the last hidden states through the output layer chunk by chunk, "
+        "never holding the logits (one process or DDP; not under FSDP/DeepSpeed, where the model's own output layer "
+        "runs at the counted positions only).",
+    )
     padding_free: bool = Field(
         default=True,
         description="Concatenate a micro-batch's sequences into one row (position ids restart per sequence, no "
@@ -263,6 +276,11 @@ class RegistryConfig(StrictModel):
         le=1,
         description="A challenger becomes champion when its head-to-head win rate against the champion is above 0.5 "
         "and the lower bound of its bootstrap confidence interval is above this.",
+    )
+    promote_regressed: bool = Field(
+        default=False,
+        description="Promote a model even when a training stage that made it ended worse than it started (final loss "
+        "above its first, DPO reward accuracy below chance); such a model is registered and flagged either way.",
     )
 
     @model_validator(mode="after")

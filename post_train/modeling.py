@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from losses import token_entropy_and_kl, token_logprobs
+from losses import fused_target_logprobs, token_entropy_and_kl, token_logprobs
 from post_train.config import ConfigError
 
 
@@ -176,18 +176,49 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
-def target_logprobs(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+"""Config fields of models whose logits are not the output layer's as they are (Gemma-2, Cohere, Granite)."""
+
+
+def fusable_output_layer(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The output layer, when log-probs may be computed from the last hidden state through it directly.
+
+    Not under FSDP or DeepSpeed (outside the model's forward the layer holds only a shard of its
+    weight), nor for models that transform their logits.
+    """
+    unwrapped = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    sharded = isinstance(unwrapped, getattr(torch.distributed.fsdp, "FSDPModule", ()))
+    if not isinstance(unwrapped, PreTrainedModel) or sharded:
+        return None
+    if any(getattr(unwrapped.config, name, None) for name in LOGIT_TRANSFORMS):
+        return None
+    head = unwrapped.get_output_embeddings()
+    return head if isinstance(head, torch.nn.Linear) else None
+
+
+def target_logprobs(
+    model: torch.nn.Module, batch: dict[str, Any], fused: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of each next token that counts and the mask of those that count, both [R, T-1].
 
-    The output layer runs only at the positions whose next token counts (`logits_to_keep` as a
-    mask), so prompt tokens and padding never reach it and the logits are never [R, T, V];
-    positions that do not count get 0. Works on padded (`pad_collate`) and packed (`pack_collate`)
-    batches.
+    Only the positions whose next token counts reach the output layer, so prompt tokens and
+    padding cost nothing there; positions that do not count get 0. `fused` (where
+    `fusable_output_layer` allows it) computes them from the last hidden states chunk by chunk
+    (`losses.fused_target_logprobs`) and never holds their logits; otherwise the model's own
+    output layer runs at those positions (`logits_to_keep` as a mask). Works on padded
+    (`pad_collate`) and packed (`pack_collate`) batches.
     """
     mask = batch["loss_mask"][:, 1:]
-    keep = torch.nn.functional.pad(mask, (0, 1))  # position t predicts token t + 1
-    logits = model(**model_inputs(batch), logits_to_keep=keep).logits
-    counted = token_logprobs(logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:][mask])
+    targets = batch["input_ids"][:, 1:][mask]
+    head = fusable_output_layer(model) if fused else None
+    if head is not None:
+        # One position's logits is the least the model computes; the last hidden state is after the final norm.
+        hidden = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        counted = fused_target_logprobs(hidden[:, :-1][mask], head.weight, targets, bias=head.bias)
+    else:
+        keep = torch.nn.functional.pad(mask, (0, 1))  # position t predicts token t + 1
+        logits = model(**model_inputs(batch), logits_to_keep=keep).logits
+        counted = token_logprobs(logits.reshape(-1, logits.shape[-1]), targets)
     logps = torch.zeros(mask.shape, dtype=counted.dtype, device=counted.device)
     logps[mask] = counted
     return logps, mask

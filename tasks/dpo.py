@@ -62,10 +62,10 @@ def pair_collate(padding_free: bool, pad_token_id: int):
 
 
 def sequence_logps(
-    model: torch.nn.Module, batch: dict[str, Any]
+    model: torch.nn.Module, batch: dict[str, Any], fused: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed response log-probs and response lengths of the chosen and rejected halves."""
-    logps, mask = target_logprobs(model, batch)
+    logps, mask = target_logprobs(model, batch, fused)
     sums = sequence_sums(logps * mask, batch)
     lengths = sequence_sums(mask.to(logps.dtype), batch)
     half = sums.shape[0] // 2
@@ -117,7 +117,7 @@ def run(
     model = load_model(sft_model_path)
 
     def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
-        chosen, rejected, chosen_lengths, rejected_lengths = sequence_logps(model, batch)
+        chosen, rejected, chosen_lengths, rejected_lengths = sequence_logps(model, batch, settings.fused_logprobs)
         out = loss(
             PairLogps(
                 chosen,

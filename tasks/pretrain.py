@@ -47,7 +47,7 @@ def _pretrain(
     nll = sft_objective("nll")
 
     def step(model: torch.nn.Module, batch: dict) -> StepOutput:
-        logps, mask = target_logprobs(model, batch)
+        logps, mask = target_logprobs(model, batch, settings.train.fused_logprobs)
         return StepOutput(nll(logps, mask).loss * mask.sum())
 
     accelerator = make_accelerator(config.mixed_precision)

@@ -102,7 +102,7 @@ def run(
     )
 
     def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
-        logps, mask = target_logprobs(model, batch)
+        logps, mask = target_logprobs(model, batch, settings.fused_logprobs)
         out = objective(logps, mask, ref_logps=batch.get("ref_logps"), old_logps=batch.get("old_logps"))
         return StepOutput(out.loss * mask.sum(), {"mean_token_weight": out.weights.sum().detach()})
 
@@ -114,7 +114,7 @@ def run(
     def snapshot_old_policy(model: torch.nn.Module, rollout: list[list[dict[str, Any]]]) -> None:
         for group in rollout:
             for batch in group:
-                batch["old_logps"] = target_logprobs(model, batch)[0]
+                batch["old_logps"] = target_logprobs(model, batch, settings.fused_logprobs)[0]
 
     with stage_run(
         "sft", parent_run_id, {"sft": settings.model_dump(mode="json"), "base_model": base_model_path}

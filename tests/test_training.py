@@ -80,6 +80,26 @@ def test_packed_sequences_are_scored_as_if_alone():
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("collate", [pad_collate(0), pack_collate], ids=["padded", "packed"])
+def test_fused_log_probs_equal_the_output_layers_with_their_gradients(collate, monkeypatch):
+    import post_train.modeling as modeling
+
+    calls = []
+    fused = modeling.fused_target_logprobs
+    monkeypatch.setattr(modeling, "fused_target_logprobs", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    model = tiny_model().double()
+    batch = collate(uneven_dataset(5))
+    plain, mask = target_logprobs(model, batch, fused=False)
+    assert not calls
+    logps, same_mask = target_logprobs(model, batch)
+    assert calls and torch.equal(mask, same_mask)
+    torch.testing.assert_close(logps, plain, rtol=1e-12, atol=1e-12)
+    assert bool((logps[mask] < 0).all()) and bool((logps[~mask] == 0).all())
+    parameters = list(model.parameters())
+    for got, want in zip(torch.autograd.grad(logps.sum(), parameters), torch.autograd.grad(plain.sum(), parameters)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_packed_and_padded_training_take_the_same_step():
     padded, padded_history = one_step(micro_batch_size=4)
     packed, packed_history = one_step(micro_batch_size=4, collate=pack_collate)
