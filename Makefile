@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM := false
 RECIPE ?= lowlr
 SCALE ?= demo
 
-.PHONY: install demo serve test mlflow-ui prefect-ui clean sky-env test-sky
+.PHONY: install demo serve test mlflow-ui prefect-ui clean sky-env test-sky bench bench-quick bench-gpu bench-demo
 
 install: $(STAMP)
 
@@ -52,6 +52,23 @@ prefect-ui: install
 
 clean:
 	rm -rf runs cache data mlflow.db mlartifacts
+
+# post-train against TRL on the same model, data and optimizer (README, Benchmarks); results go to
+# benchmarks/results/<name>.json and .md. BENCH_ARGS adds flags, e.g. BENCH_ARGS="--sizes 5m --tasks sft".
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python -m benchmarks.run --preset full --name bench $(BENCH_ARGS)
+
+bench-quick: install
+	$(BIN)/python -m benchmarks.run --preset quick --name bench-quick $(BENCH_ARGS)
+
+# On a CUDA GPU: bf16, a 1B random-init Llama with a 128k vocabulary, sequences up to 2048, MFU.
+bench-gpu: install
+	$(BIN)/python -m benchmarks.run --preset gpu --name bench-gpu $(BENCH_ARGS)
+
+# The share of `make demo`'s wall time spent outside training and generation (fresh cache).
+bench-demo: install
+	$(BIN)/python -m benchmarks.demo_overhead --recipe $(RECIPE) --scale $(SCALE)
 
 # SkyPilot, the client that launches stages on cloud GPUs (compute.backend: skypilot), in its own
 # virtual environment: it pins click<8.2, which huggingface-hub and dvc cannot share. Add cloud

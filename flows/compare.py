@@ -32,6 +32,7 @@ from post_train.config import PipelineConfig
 from post_train.results import PreparedData
 from post_train.stages import RunContext
 from post_train.tracking import experiment_id, flatten, log_params_and_metrics, tracking_uri
+from post_train.validate import validated_config
 
 
 @task(name="compare-cell", task_run_name="cell {cell.slug}")
@@ -104,6 +105,7 @@ def compare(
     Returns the table rows (`rows`, and `aggregated` over seeds when there are several),
     the markdown tables, the output folder and the files written there, and the parent MLflow run.
     """
+    validated_config(recipe, scale, overrides)  # every problem with the shared inputs, before any work
     grid = comparison.plan_grid(recipe, scale, objectives, learning_rates, seeds, overrides, parallelism)
     base = grid.base
     logger = get_run_logger()

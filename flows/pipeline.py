@@ -1,8 +1,8 @@
 """The `post-train` flow: prepare → base model → SFT → DPO → evaluate → (head-to-head) → register.
 
-Composition only: each stage is a task of `flows/stages.py`. The flow validates the whole
-configuration before any work, opens the parent MLflow run the stages' runs hang under,
-and returns (and prints) a summary.
+Composition only: each stage is a task of `flows/stages.py`. The flow validates its inputs
+(`post_train.validate`: configuration, model, data, judge, outputs) before any work, opens the
+parent MLflow run the stages' runs hang under, and returns (and prints) a summary.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows import stages
-from post_train.config import load_config
-from post_train.stages import RunContext, preflight
-from post_train.tracking import experiment_id, flatten, log_params_and_metrics, tracking_uri
+from post_train.data import data_counts
+from post_train.stages import RunContext
+from post_train.tracking import experiment_id, flatten, log_params_and_metrics, regression_tags, tracking_uri
+from post_train.validate import validated_config
 
 
 def _run_directory(runs_dir: str, recipe: str, run_name: str) -> Path:
@@ -37,8 +38,7 @@ def post_train(
     `overrides` maps dotted config keys to values, e.g. {"sft.learning_rate": 1e-4}; `force`
     reruns every stage even when its cached result matches.
     """
-    config = load_config(recipe, scale, overrides)
-    preflight(config)  # e.g. cloud setup problems surface before any data work
+    config = validated_config(recipe, scale, overrides)  # every problem with the inputs, before any work
     run_name = flow_run.get_name() or "local"
     run_dir = _run_directory(config.runs_dir, config.recipe, run_name)
     (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
@@ -68,6 +68,15 @@ def post_train(
             if champion is not None
             else None
         )
+        # The stages that made the model, each flagged when it ended worse than it started.
+        regressions = [
+            f"{stage}: {regression}"
+            for stage, trained in (("pretrain", base), ("sft", sft), ("dpo", dpo))
+            for regression in trained.regressions
+        ]
+        for tag, value in regression_tags(regressions).items():
+            client.set_tag(parent_id, tag, value)
+        counts = {**data_counts(sft.metrics), **data_counts(dpo.metrics)}
         registration = stages.register(
             config,
             context,
@@ -78,6 +87,8 @@ def post_train(
             metrics=evaluation.metrics,
             champion=champion,
             comparison=comparison,
+            regressions=regressions,
+            data_counts=counts,
         )
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
@@ -98,6 +109,8 @@ def post_train(
         "model_uri": registration.model_uri,
         "model_version": registration.version,
         "champion": registration.is_champion,
+        "regressions": regressions,
+        "data": counts,
         "registration": {
             "version": registration.version,
             "aliases": [config.registry.challenger_alias]

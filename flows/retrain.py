@@ -18,9 +18,9 @@ from prefect.runtime import flow_run
 
 from flows import stages
 from flows.pipeline import post_train
-from post_train.config import load_config
 from post_train.stages import RunContext
 from post_train.tracking import current_champion, experiment_id, tracking_uri
+from post_train.validate import validated_config
 
 SKIP_TAG = "retrain_skipped"
 ARTIFACT_KEY = "retrain-decision"
@@ -36,7 +36,7 @@ def retrain(
     the data is unchanged.
     """
     logger = get_run_logger()
-    config = load_config(recipe, scale, overrides)  # bad input fails here, before any work
+    config = validated_config(recipe, scale, overrides)  # every problem with the inputs, before any work
     data = stages.prepare(config, RunContext(config.runs_dir))  # prepare writes nothing there
     name, alias = config.registry.model_name, config.registry.champion_alias
     client = MlflowClient(tracking_uri())

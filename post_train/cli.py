@@ -7,7 +7,9 @@ import sys
 from typing import Any
 
 from post_train.comparison import DEFAULT_OBJECTIVES
-from post_train.config import ConfigError, available_recipes, available_scales, load_config, parse_overrides
+from post_train.config import available_recipes, available_scales, parse_overrides
+from post_train.errors import ConfigError, DataError
+from post_train.server import ServerError, run_api
 from post_train.tracking import flatten, tracking_uri
 
 
@@ -16,6 +18,7 @@ def _percent(value: Any) -> str:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    from post_train.data import describe_counts
     from post_train.evaluation import splits_in  # imports torch: not for `post-train --help`
 
     evaluation = summary["evaluation"]
@@ -24,6 +27,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         "",
         f"post-train finished: recipe {summary['recipe']} at scale {summary['scale']}",
         f"  data hash (DVC)      {summary['data_hash']}",
+        *(f"  {dataset + ' data':<21}{counts}" for dataset, counts in describe_counts(summary.get("data") or {})),
         f"  base model           {summary['base_model']['path']}"
         + ("  (cached)" if summary["base_model"]["cache_hit"] else ""),
         f"  SFT loss             {summary['sft']['loss_first']:.4f} -> {summary['sft']['loss_final']:.4f}"
@@ -69,6 +73,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         found = [f"{name} {fmt.format(evaluation[key])}" for name, key in keys if key in evaluation]
         if found:
             lines.append(f"  {label:<21}{'   '.join(found)}")
+    for regression in summary.get("regressions") or []:
+        lines.append(f"  got worse            {regression}")
     registration = summary.get("registration") or {}
     aliases = ", ".join(registration.get("aliases") or (["champion"] if summary["champion"] else []))
     lines.append(f"  registered model     {summary['model_uri']}" + (f"  (aliases: {aliases})" if aliases else ""))
@@ -90,21 +96,27 @@ def format_summary(summary: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="post-train", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    run_parser = commands.add_parser("run", help="run the post-train flow")
-    run_parser.add_argument("--recipe", default="lowlr", help=f"one of {available_recipes()} or a .yaml path")
-    run_parser.add_argument("--scale", default="demo", help=f"one of {available_scales()} or a .yaml path")
-    run_parser.add_argument(
-        "-o",
-        "--override",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. -o sft.learning_rate=1e-4 (repeatable)",
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its message")
+    run_parser = commands.add_parser("run", help="validate the inputs, then run the post-train flow", parents=[debug])
+    validate_parser = commands.add_parser(
+        "validate", help="check everything a run reads, report every problem, run nothing", parents=[debug]
     )
+    for recipe_parser in (run_parser, validate_parser):
+        recipe_parser.add_argument("--recipe", default="lowlr", help=f"one of {available_recipes()} or a .yaml path")
+        recipe_parser.add_argument("--scale", default="demo", help=f"one of {available_scales()} or a .yaml path")
+        recipe_parser.add_argument(
+            "-o",
+            "--override",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. -o sft.learning_rate=1e-4 (repeatable)",
+        )
     run_parser.add_argument("--force", action="store_true", help="rerun every stage, ignoring cached results")
     commands.add_parser("recipes", help="list recipes and scales")
     compare_parser = commands.add_parser(
-        "compare", help="compare SFT objectives x SFT learning rates x seeds by post-DPO win rate"
+        "compare", help="compare SFT objectives x SFT learning rates x seeds by post-DPO win rate", parents=[debug]
     )
     compare_parser.add_argument(
         "--recipe", default="baseline", help="base recipe, for everything the grid does not set"
@@ -137,30 +149,53 @@ def main(argv: list[str] | None = None) -> int:
         help="override a config value for every cell (repeatable)",
     )
     args = parser.parse_args(argv)
+    try:
+        return _command(args)
+    except (ConfigError, DataError) as error:  # bad input: the message says what to fix
+        if getattr(args, "debug", False):
+            raise
+        print(f"post-train: {error}", file=sys.stderr)
+        return 2
 
+
+def _validated(args: argparse.Namespace) -> bool:
+    """`post_train.validate` on the command's recipe, scale and overrides, its report printed; whether it passed."""
+    from post_train.validate import InvalidInputs, validate
+
+    found = validate(args.recipe, args.scale, args.override)
+    if found.problems and args.debug:
+        raise InvalidInputs(found.report().removeprefix("post-train: "))
+    print(found.report(), file=sys.stderr if found.problems else sys.stdout)
+    return not found.problems
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "compare":
         from post_train.comparison import plan_grid
 
-        try:
-            overrides = flatten(parse_overrides(args.override))
-            plan_grid(
-                args.recipe, args.scale, args.objectives, args.learning_rates, args.seeds, overrides, args.parallelism
-            )
-        except ConfigError as error:  # refuse a bad grid before Prefect starts
-            print(f"post-train: {error}", file=sys.stderr)
+        if not _validated(args):  # refuse bad input and a bad grid before Prefect starts
             return 2
+        overrides = flatten(parse_overrides(args.override))
+        plan_grid(
+            args.recipe, args.scale, args.objectives, args.learning_rates, args.seeds, overrides, args.parallelism
+        )
         from flows.compare import compare
 
-        result = compare(
-            recipe=args.recipe,
-            scale=args.scale,
-            objectives=args.objectives,
-            learning_rates=args.learning_rates,
-            seeds=args.seeds,
-            overrides=overrides,
-            parallelism=args.parallelism,
-            force=args.force,
-        )
+        try:
+            with run_api():
+                result = compare(
+                    recipe=args.recipe,
+                    scale=args.scale,
+                    objectives=args.objectives,
+                    learning_rates=args.learning_rates,
+                    seeds=args.seeds,
+                    overrides=overrides,
+                    parallelism=args.parallelism,
+                    force=args.force,
+                )
+        except ServerError as error:
+            print(f"post-train: {error}", file=sys.stderr)
+            return 1
         print("\n" + result["markdown"])
         if result["aggregated_markdown"]:
             print("mean over seeds (95% CI: Student t over the per-seed win rates):\n")
@@ -173,15 +208,19 @@ def main(argv: list[str] | None = None) -> int:
         print("recipes:", ", ".join(available_recipes()))
         print("scales: ", ", ".join(available_scales()))
         return 0
-    try:
-        overrides = parse_overrides(args.override)
-        load_config(args.recipe, args.scale, overrides)  # refuse bad input before Prefect starts
-    except ConfigError as error:
-        print(f"post-train: {error}", file=sys.stderr)
+    if not _validated(args):  # refuse bad input before Prefect starts
         return 2
+    if args.command == "validate":
+        return 0
+    overrides = parse_overrides(args.override)
     from flows.pipeline import post_train
 
-    summary = post_train(recipe=args.recipe, scale=args.scale, overrides=flatten(overrides), force=args.force)
+    try:
+        with run_api():
+            summary = post_train(recipe=args.recipe, scale=args.scale, overrides=flatten(overrides), force=args.force)
+    except ServerError as error:
+        print(f"post-train: {error}", file=sys.stderr)
+        return 1
     print(format_summary(summary))
     return 0
 

@@ -8,6 +8,9 @@ an unknown objective is refused with the path of the field before any work start
 
 from __future__ import annotations
 
+import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -157,7 +160,44 @@ class DataConfig(StrictModel):
         return self
 
 
-class SFTConfig(TrainConfig):
+class PromptCompletionConfig(TrainConfig):
+    """A stage that trains on prompts and completions (SFT, DPO): how they fit `max_length` (TRL's truncation
+    settings, `post_train.data.Truncation`) and how much of the dataset may be left out."""
+
+    max_prompt_length: int | None = Field(
+        default=None, ge=1, description="Tokens of prompt at most; a longer one is cut per truncation_mode."
+    )
+    max_completion_length: int | None = Field(
+        default=None, ge=1, description="Tokens of completion at most; a longer one loses its end."
+    )
+    truncation_mode: Literal["keep_start", "keep_end"] = Field(
+        default="keep_start",
+        description="keep_start: a sequence over max_length loses its completion's end; keep_end: its prompt's "
+        "start first (whole turns of a conversation).",
+    )
+    max_dropped_share: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="Refuse the dataset when more than this share of its rows cannot be used (empty completions, "
+        "identical preference responses, prompts that leave no room); all of them is always refused.",
+    )
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> "PromptCompletionConfig":
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length}), "
+                "to leave room for the completion"
+            )
+        return self
+
+
+DATASET_SECTIONS = {"sft": "sft", "preferences": "dpo"}
+"""The training section whose truncation and `max_dropped_share` apply to each dataset."""
+
+
+class SFTConfig(PromptCompletionConfig):
     objective: str = "nll"
     objective_params: dict[str, float] = {}
     diagnostics_every: int = Field(default=10, ge=1, description="Steps between KL-to-base/entropy checks.")
@@ -179,7 +219,7 @@ class SFTConfig(TrainConfig):
         return self
 
 
-class DPOConfig(TrainConfig):
+class DPOConfig(PromptCompletionConfig):
     loss: str = "sigmoid"
     loss_params: dict[str, float] = {"beta": 0.1}
 
@@ -646,7 +686,42 @@ def validate_config(settings: dict[str, Any], context: str) -> PipelineConfig:
         return PipelineConfig.model_validate(settings)
     except ValidationError as error:
         problems = "\n".join(
-            f"  {'.'.join(str(part) for part in problem['loc']) or '(top level)'}: {problem['msg']}"
+            f"  {'.'.join(map(str, problem['loc'])) or '(top level)'}: {problem['msg']}{_suggestion(problem)}"
             for problem in error.errors()
         )
         raise ConfigError(f"{context}:\n{problems}") from None
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (`Model`, `Model | None`), if any."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    for candidate in (annotation, *(typing.get_args(annotation) if union else ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _keys_under(path: tuple[Any, ...]) -> list[str]:
+    """The keys the section at `path` of a PipelineConfig accepts (none when it is not a section)."""
+    annotation: Any = PipelineConfig
+    for part in path:
+        model = _model_class(annotation)
+        if model is not None:
+            if part not in model.model_fields:
+                return []
+            annotation = model.model_fields[part].annotation
+        elif typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+        else:
+            return []
+    model = _model_class(annotation)
+    return list(model.model_fields) if model is not None else []
+
+
+def _suggestion(problem: dict[str, Any]) -> str:
+    """For a key the section does not have: the closest one it has (difflib), if any is close."""
+    if problem["type"] != "extra_forbidden":
+        return ""
+    *section, key = problem["loc"]
+    close = difflib.get_close_matches(str(key), _keys_under(tuple(section)), n=1)
+    return f"; did you mean {'.'.join(map(str, [*section, close[0]]))}?" if close else ""

@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt
 import mlflow
 
 from post_train.config import PipelineConfig
-from post_train.data import EvalExample
-from post_train.evaluation import GenerationSettings, generate, last_user_message, split_metrics, splits_in
+from post_train.data import EvalExample, prompt_text
+from post_train.evaluation import GenerationSettings, generate, split_metrics, splits_in
 from post_train.judges.base import Verdict
 from post_train.modeling import load_frozen
 
@@ -74,7 +74,8 @@ def samples_table(
     verdicts: list[Verdict],
     labels: tuple[str, str] = ("response", "reference"),
 ) -> list[dict[str, Any]]:
-    """One row per prompt: the prompt, both outputs, the judge's preference and verdict, and how it decided.
+    """One row per prompt: the whole prompt (every message of a conversation, as `role: content`), both outputs,
+    the judge's preference and verdict, and how it decided.
 
     `labels` name the candidate's and the baseline's columns (the head-to-head: challenger, champion).
     """
@@ -84,7 +85,7 @@ def samples_table(
         rows.append(
             {
                 "split": example.split,
-                "prompt": last_user_message(example),
+                "prompt": prompt_text(example.prompt),
                 candidate: candidate_output,
                 baseline: baseline_output,
                 "preference": verdict.preference,

@@ -8,25 +8,20 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from losses import fused_target_logprobs, token_entropy_and_kl, token_logprobs
-from post_train.config import ConfigError
 
 
 def load_tokenizer(name_or_path: str, chat_template: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer, with a pad token, and `chat_template` when it has no template of its own.
 
     A base model's tokenizer (Llama-3-8B) has none: the SFT stage passes `model.chat_template`, and
-    the SFT model it saves carries that template on to DPO and evaluation.
+    the SFT model it saves carries that template on to DPO and evaluation. Text-format data needs
+    none; conversational data without one is refused (`post_train.data.chat_ids`).
     """
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None and chat_template is not None:
         tokenizer.chat_template = chat_template
-    if tokenizer.chat_template is None:
-        raise ConfigError(  # a ValueError that the launcher does not retry
-            f"{name_or_path}: the tokenizer has no chat template; post-train needs one to format prompts "
-            "(set model.chat_template, e.g. `default`)"
-        )
     return tokenizer
 
 

@@ -12,6 +12,8 @@ ALL = "all"
 """The split that pools every evaluation prompt."""
 HEAD_TO_HEAD = "head_to_head/"
 """Prefix of the head-to-head metrics: `head_to_head/win_rate/<split>`, `head_to_head/win_rate_ci_low/<split>`, ..."""
+CHANCE_ACCURACY = 0.5
+"""Reward accuracy of a coin flip: a DPO model whose chosen responses win less often than this got worse."""
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,9 @@ class PreparedData:
     """DVC's md5 of the world's output directory when all data comes from the world, else a sha256 of the sources."""
     pretrain_corpus: str | None
     sizes: dict[str, int]
+    hashes: dict[str, str]
+    """A content hash per dataset (`sft`, `preferences`, `eval`) and, with a demo world, `world` (DVC's md5 of the
+    files pretraining reads): each stage's cache key takes those of the data it reads, and no other."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,19 @@ class TrainedModel:
     metrics: dict[str, float]
     run_id: str = ""
     cache_hit: bool = False
+
+    @property
+    def regressions(self) -> list[str]:
+        """How the stage ended worse than it started: its final loss above its first, or its final DPO reward
+        accuracy below chance. Empty when neither (and for a model taken as given)."""
+        found = []
+        first, final = self.metrics.get("loss_first"), self.metrics.get("loss_final")
+        if first is not None and final is not None and final > first:
+            found.append(f"final loss {final:.4f} is above the first {first:.4f}")
+        accuracy = self.metrics.get("rewards/accuracies_final")
+        if accuracy is not None and accuracy < CHANCE_ACCURACY:
+            found.append(f"final reward accuracy {accuracy:.2f} is below chance ({CHANCE_ACCURACY:.2f})")
+        return found
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,13 @@
-"""A local Prefect server for the operator path: reuse the one at `PREFECT_API_URL`, or start one.
+"""A Prefect API to report to: for the operator path (`local_server`) and for one run from the shell (`run_api`).
 
-`flows/serve.py` serves the deployments; this module only makes sure there is a server to
+`flows/serve.py` serves the deployments; `local_server` only makes sure there is a server to
 serve them to. A server it starts runs `prefect server start` in its own process group, keeps
 its SQLite database under `PREFECT_HOME` (default `~/.prefect/prefect.db`, the same database
 in-process runs use), and is stopped when the `local_server()` block exits, Ctrl-C included.
+
+`run_api` is what `post-train run` and `post-train compare` use: the configured API, a server
+already answering at the default address, or Prefect's temporary server given more time than
+Prefect's own 20 s, which a loaded machine exceeds.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ DEFAULT_API_URL = "http://127.0.0.1:4200/api"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0", "::1"}
 # The first start of a server runs its database migrations: 20 s or more on 2 cores.
 STARTUP_TIMEOUT_S = 180.0
+EPHEMERAL_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+EPHEMERAL_TIMED_OUT = "Timed out while attempting to connect to ephemeral Prefect API server"
+"""How Prefect 3.8's temporary server says it did not answer in time (`SubprocessASGIServer.start`)."""
 
 
 class ServerError(RuntimeError):
@@ -113,6 +120,66 @@ def stop_server(process: subprocess.Popen) -> None:
 
 
 @contextmanager
+def reporting_to(url: str) -> Iterator[str]:
+    """`PREFECT_API_URL` set to `url` in `os.environ` and in Prefect's settings inside the block, so this process
+    and the processes it starts talk to that server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+
+
+def ephemeral_startup_timeout() -> int:
+    """Seconds the temporary server gets to answer: `PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`, else 180."""
+    return int(os.environ.get(EPHEMERAL_TIMEOUT_ENV) or STARTUP_TIMEOUT_S)
+
+
+@contextmanager
+def run_api() -> Iterator[str | None]:
+    """The Prefect API one run reports to, inside the block.
+
+    `PREFECT_API_URL` (environment or profile) when set; else a server already answering at
+    http://127.0.0.1:4200/api (`prefect server start`, `make serve`: the run shows up there live, and no second
+    server opens the same database); else (None) Prefect's temporary server, which Prefect starts when the flow
+    begins, given `ephemeral_startup_timeout()` seconds; if it does not answer in time, a one-line `ServerError`.
+    """
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    configured = configured_api_url()
+    if configured:
+        yield configured
+        return
+    if is_healthy(DEFAULT_API_URL):
+        print(f"Using the Prefect server at {DEFAULT_API_URL}", flush=True)
+        with reporting_to(DEFAULT_API_URL) as url:
+            yield url
+        return
+    timeout = ephemeral_startup_timeout()
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: timeout}):
+        try:
+            yield None
+        except RuntimeError as error:
+            if EPHEMERAL_TIMED_OUT not in str(error):
+                raise
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().stop()  # the server that was too slow: still starting, and nobody's now
+            raise ServerError(
+                f"Prefect's temporary API server did not answer within {timeout} s; give it longer "
+                f"({EPHEMERAL_TIMEOUT_ENV}=600) or start a server (`prefect server start` in another shell, then "
+                f"export PREFECT_API_URL={DEFAULT_API_URL})"
+            ) from None
+
+
+@contextmanager
 def local_server(api_url: str | None = None, timeout: float = STARTUP_TIMEOUT_S) -> Iterator[str]:
     """Yield the URL of a healthy Prefect API, starting a local server if none answers there.
 
@@ -122,8 +189,6 @@ def local_server(api_url: str | None = None, timeout: float = STARTUP_TIMEOUT_S)
     `PREFECT_API_URL` is set in `os.environ` and in Prefect's settings, so this process and the
     flow-run processes it starts talk to that server.
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     url = (api_url or configured_api_url() or DEFAULT_API_URL).rstrip("/")
     process = None
     if is_healthy(url):
@@ -141,16 +206,10 @@ def local_server(api_url: str | None = None, timeout: float = STARTUP_TIMEOUT_S)
             stop_server(process)
             raise
         print(f"Prefect server ready: UI at {url.removesuffix('/api')}", flush=True)
-    previous = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url
     try:
-        with temporary_settings({PREFECT_API_URL: url}):
+        with reporting_to(url):
             yield url
     finally:
-        if previous is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous
         if process is not None:
             print("Stopping the Prefect server this process started...", flush=True)
             stop_server(process)

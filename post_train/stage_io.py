@@ -16,10 +16,15 @@ from typing import Any, Callable
 
 from post_train.config import ConfigError, PipelineConfig
 from post_train.data import DataError
+from post_train.errors import TrainingDiverged
 from post_train.tracking import is_main_process
 
-REFUSALS: dict[str, type[Exception]] = {"ConfigError": ConfigError, "DataError": DataError}
-"""Errors that mean bad input: re-raised as themselves, and never retried."""
+REFUSALS: dict[str, type[Exception]] = {
+    "ConfigError": ConfigError,
+    "DataError": DataError,
+    "TrainingDiverged": TrainingDiverged,
+}
+"""Errors a retry cannot fix (bad input, a configuration that diverges): re-raised as themselves, never retried."""
 
 
 class StageFailed(RuntimeError):

@@ -23,9 +23,10 @@ from post_train.executors import executor_class
 from post_train.fingerprint import content_key, module_fingerprint
 from post_train.judges import judge_fingerprint
 from post_train.reference import model_fingerprint
+from post_train.results import TrainedModel
 from post_train.stage_cache import cached
 from post_train.stage_io import read_result, write_inputs
-from post_train.tracking import record_cache_hit
+from post_train.tracking import end_orphaned_runs, record_cache_hit, regression_tags
 
 KeyParts = Callable[[PipelineConfig, Mapping[str, Any]], dict[str, Any]]
 
@@ -65,7 +66,10 @@ PRETRAIN = Stage(
     "pretrain",
     "tasks.pretrain",
     distributed=True,
-    key=lambda config, a: {"base_model": config.base_model.model_dump(mode="json"), "data_hash": a["data"].data_hash},
+    key=lambda config, a: {
+        "base_model": config.base_model.model_dump(mode="json"),
+        "world": a["data"].hashes.get("world"),
+    },
 )
 SFT = Stage(
     "sft",
@@ -76,7 +80,8 @@ SFT = Stage(
         "mixed_precision": config.mixed_precision,
         "base_model": model_fingerprint(a["base_model_path"]),
         "chat_template": config.model.chat_template,
-        "data_hash": a["data"].data_hash,
+        "sft_data": a["data"].hashes["sft"],
+        "eval_data": a["data"].hashes["eval"],  # the KL-to-base and entropy diagnostics run on its references
     },
 )
 DPO = Stage(
@@ -87,7 +92,7 @@ DPO = Stage(
         "dpo": config.dpo.model_dump(mode="json"),
         "mixed_precision": config.mixed_precision,
         "sft_model": model_fingerprint(a["sft_model_path"]),
-        "data_hash": a["data"].data_hash,
+        "preference_data": a["data"].hashes["preferences"],
     },
 )
 EVALUATE = Stage(
@@ -97,7 +102,7 @@ EVALUATE = Stage(
         "evaluation": config.evaluation.model_dump(mode="json"),
         "judge": judge_fingerprint(config.evaluation),
         "model": model_fingerprint(a["model_path"]),
-        "data_hash": a["data"].data_hash,
+        "eval_data": a["data"].hashes["eval"],
         "reference_model": _optional_model(a.get("reference_model_path")),
         "base_model": _optional_model(a.get("base_model_path")),
     },
@@ -111,7 +116,7 @@ HEAD_TO_HEAD = Stage(
         "judge": judge_fingerprint(config.evaluation),
         "candidate": model_fingerprint(a["candidate_path"]),
         "baseline": model_fingerprint(a["baseline_path"]),
-        "data_hash": a["data"].data_hash,
+        "eval_data": a["data"].hashes["eval"],
     },
 )
 REGISTER = Stage("register", "tasks.register", retry_delays=(5, 30))
@@ -129,14 +134,6 @@ def _context_arguments(function: Callable[..., Any], context: RunContext, output
         output_dir.mkdir(parents=True, exist_ok=True)
         arguments["output_dir"] = str(output_dir)
     return arguments
-
-
-def preflight(config: PipelineConfig, arguments: Mapping[str, Any] | None = None) -> None:
-    """Each command stage's executor checks what it can before any work (cloud setup, reachable paths)."""
-    for stage in STAGE_DECLARATIONS:
-        if stage.key is not None:
-            placed = config.model_copy(update={"compute": config.compute.for_stage(stage.name)})
-            executor_class(placed.compute.backend)(placed).preflight(arguments or {})
 
 
 def run_stage(stage: Stage, config: PipelineConfig, context: RunContext, **arguments: Any) -> Any:
@@ -168,6 +165,8 @@ def run_stage(stage: Stage, config: PipelineConfig, context: RunContext, **argum
         write_inputs(inputs, stage_arguments)
         outputs.unlink(missing_ok=True)
         returncode, description = executor.run(stage.name, stage.module, inputs, outputs, stage.distributed)
+        if returncode != 0:  # a command that was killed could not end its MLflow run
+            end_orphaned_runs(stage.name, context.parent_run_id)
         return read_result(outputs, function, returncode, description)
 
     result_type = typing.get_type_hints(function)["return"]
@@ -175,7 +174,8 @@ def run_stage(stage: Stage, config: PipelineConfig, context: RunContext, **argum
     if not hit and takes_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
     if hit:
-        record_cache_hit(stage.name, context.parent_run_id, key, getattr(result, "metrics", {}))
+        tags = regression_tags(result.regressions) if isinstance(result, TrainedModel) else {}
+        record_cache_hit(stage.name, context.parent_run_id, key, getattr(result, "metrics", {}), tags)
     if "cache_hit" in {field.name for field in dataclasses.fields(result)}:
         result = dataclasses.replace(result, cache_hit=hit)
     return result

@@ -7,10 +7,19 @@ parallelism give the gradient of the global token (or pair) mean, not a mean of 
 
 It runs unchanged on one process, under `accelerate launch` with DDP, FSDP or DeepSpeed
 ZeRO-3, and on several nodes. With `checkpoint_dir` and `checkpoint_every`, it saves its
-state (`accelerator.save_state`: model, optimizer, scheduler, RNG; plus the step and the
-metrics so far) and resumes from the last complete save. The data order depends only on
-the seed, and a step's global batch is the same at any number of processes, so a run
-resumes at a different world size (DDP; FSDP with SHARDED_STATE_DICT) where it left off.
+state (`accelerator.save_state`: model, optimizer, RNG; plus, as JSON, the step, the scheduler,
+the divergence guard's running loss and the metrics so far) and resumes from the last complete
+save. The data order depends only on the seed, and a step's global batch is the same at any
+number of processes, so a run resumes at a different world size (DDP; FSDP with
+SHARDED_STATE_DICT) where it left off.
+
+Resuming unpickles nothing that can run code: the scheduler is not registered with accelerate (whose
+`custom_checkpoint_<n>.pkl` it loads with `weights_only=False`); accelerate reads the optimizer and
+RNG files with torch's `weights_only=True` loader, which builds tensors and plain containers only.
+
+Every step is checked before its update is applied (`DivergenceGuard`): a non-finite loss or
+gradient norm, or a loss far above its running level, raises `TrainingDiverged`, so no save after
+the last good step is ever written.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -33,6 +42,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from post_train.config import TrainConfig
+from post_train.errors import TrainingDiverged
 
 
 @dataclass
@@ -78,6 +88,80 @@ def accumulation_steps(config: TrainConfig, num_processes: int) -> int:
     return config.batch_size // per_step
 
 
+LEVEL_SMOOTHING = 0.9
+
+
+@dataclass
+class DivergenceGuard:
+    """Refuses a step whose loss or gradient norm is not finite, or whose loss is more than `factor` times the
+    running level: an exponential average (weight `LEVEL_SMOOTHING` on the past) of the earlier steps' losses.
+
+    A level that is not positive (some f-divergence and PSFT objectives go below zero) gives no scale to
+    compare with: such a loss is only checked for being finite.
+    """
+
+    description: str
+    factor: float | None
+    level: float | None = None
+
+    def check(self, step: int, loss: float, grad_norm: float | None) -> None:
+        if not math.isfinite(loss):
+            self._stop(f"the loss is {loss} at step {step}")
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            self._stop(f"the gradient norm is {grad_norm} at step {step} (loss {loss:.6g})")
+        if self.factor is not None and self.level is not None and self.level > 0 and loss > self.factor * self.level:
+            self._stop(
+                f"the loss {loss:.6g} at step {step} is more than {self.factor:g} times its running level "
+                f"{self.level:.6g} (divergence_factor; null turns this check off)"
+            )
+        self.level = loss if self.level is None else LEVEL_SMOOTHING * self.level + (1 - LEVEL_SMOOTHING) * loss
+
+    def _stop(self, what: str) -> None:
+        raise TrainingDiverged(
+            f"{self.description} diverged: {what}. The step was not applied and no save after the last good step "
+            "was written; lower the learning rate and run again"
+        )
+
+
+def shuffled_loader(dataset: Sequence[Any], collate: Callable[[list[Any]], Any], config: TrainConfig) -> DataLoader:
+    """Micro-batches of `dataset` in the order the seed gives, the same in every run."""
+    return DataLoader(
+        dataset,
+        batch_size=config.micro_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+
+
+def planned_steps(config: TrainConfig, batches_per_epoch: int, accumulation: int) -> int:
+    """Optimizer steps of a run: `max_steps`, else `epochs` times the whole steps in a process's epoch."""
+    return config.max_steps or max(1, batches_per_epoch // accumulation) * config.epochs
+
+
+def rows_drawn(size: int, config: TrainConfig, accelerator: Accelerator, rollout_steps: int = 1) -> list[int]:
+    """The indices (sorted) of the rows of a `size`-row dataset that `train` will put in a micro-batch, on any
+    process: the same loader over the row indices, prepared by `accelerator` and drawn as `train` draws it (whole
+    rollouts, and the micro-batch accelerate's loader reads ahead). Every process must call it."""
+    seen: set[int] = set()
+
+    def record(indices: list[int]) -> list[int]:
+        seen.update(indices)
+        return indices
+
+    loader = accelerator.prepare_data_loader(shuffled_loader(range(size), record, config), device_placement=False)
+    accumulation = accumulation_steps(config, accelerator.num_processes)
+    steps = planned_steps(config, len(loader), accumulation)
+    batches = _endless(loader)
+    for _ in range(math.ceil(steps / rollout_steps) * rollout_steps * accumulation):
+        next(batches)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        seen = set().union(*gather_object([seen]))
+    return sorted(seen)
+
+
 def _endless(loader: DataLoader) -> Iterator[dict[str, Any]]:
     epoch = 0
     while True:
@@ -117,13 +201,7 @@ def train(
     `on_log` again, so a new tracking run holds the whole curve).
     """
     torch.manual_seed(config.seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=config.micro_batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
+    loader = shuffled_loader(dataset, collate, config)
     accumulation = accumulation_steps(config, accelerator.num_processes)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if deepspeed:
@@ -145,21 +223,22 @@ def train(
         model.config.use_cache = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps_per_epoch = max(1, len(loader) // accumulation)
-    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    total_steps = planned_steps(config, len(loader), accumulation)
     # Not passed to accelerator.prepare: it would step the schedule once per process.
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
 
     history: list[dict[str, float]] = []
     batches = _endless(loader)
     first_step = 1
+    guard = DivergenceGuard(description, config.divergence_factor)
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None and checkpoint_every > 0 else None
     if checkpoints is not None:
-        accelerator.register_for_checkpointing(scheduler)
         resumed = latest_checkpoint(checkpoints)
         if resumed is not None:
             state = json.loads((resumed / TRAINER_STATE).read_text())
             accelerator.load_state(str(resumed))
+            scheduler.load_state_dict(state["scheduler"])
+            guard.level = state["loss_level"]
             history = state["history"]
             first_step = state["step"] + 1
             for _ in range(state["step"] * accumulation):  # the same batches, in the same order, as before the save
@@ -198,6 +277,12 @@ def train(
                 sums[name] += value
             step_tokens += batch["num_tokens"]
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        # One host sync per step: every process gets the same global loss and norm, so all stop together.
+        checked = [accelerator.reduce(torch.as_tensor(sums["loss"], dtype=torch.float64).to(accelerator.device), "sum")]
+        if grad_norm is not None:  # DeepSpeed clips inside its own step and reports no norm here
+            checked.append(torch.as_tensor(grad_norm, dtype=torch.float64).to(accelerator.device))
+        step_loss, *step_norm = torch.stack(checked).tolist()
+        guard.check(step, step_loss / max(global_units, 1), step_norm[0] if step_norm else None)
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -212,7 +297,7 @@ def train(
             totals = accelerator.reduce(local, "sum")
             metrics = {name: value / max(global_units, 1) for name, value in zip(names, totals.tolist())}
             metrics["learning_rate"] = learning_rate
-            metrics["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
+            metrics["grad_norm"] = step_norm[0] if step_norm else float("nan")
             elapsed = time.perf_counter() - started
             metrics["tokens_per_second"] = tokens_seen * accelerator.num_processes / max(elapsed, 1e-9)
             if run_diagnostics:
@@ -225,7 +310,12 @@ def train(
             if on_log is not None and accelerator.is_main_process:
                 on_log({k: v for k, v in metrics.items() if k != "step"}, step)
         if checkpoints is not None and not rollout and step < total_steps and step - last_saved >= checkpoint_every:
-            save_training_state(accelerator, checkpoints, step, history)
+            save_training_state(
+                accelerator,
+                checkpoints,
+                step,
+                {"history": history, "scheduler": scheduler.state_dict(), "loss_level": guard.level},
+            )
             last_saved = step
     progress.close()
     model.eval()
@@ -242,13 +332,14 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return max(complete, key=lambda path: int(path.name.removeprefix("step-")), default=None)
 
 
-def save_training_state(accelerator: Accelerator, directory: Path, step: int, history: list[dict[str, float]]) -> Path:
-    """`accelerator.save_state` (every process takes part) into `step-<step>`; older saves are removed after."""
+def save_training_state(accelerator: Accelerator, directory: Path, step: int, trainer_state: dict[str, Any]) -> Path:
+    """`accelerator.save_state` (every process takes part) into `step-<step>`, then `trainer_state` and the step as
+    JSON, which marks the save complete; older saves are removed after."""
     target = directory / f"step-{step}"
     accelerator.save_state(str(target))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (target / TRAINER_STATE).write_text(json.dumps({"step": step, "history": history}))
+        (target / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}))
         for older in directory.glob("step-*"):
             if older != target:
                 shutil.rmtree(older, ignore_errors=True)

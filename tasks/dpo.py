@@ -1,8 +1,9 @@
 """Stage 4, DPO: preference optimisation of the SFT model against itself as the frozen reference.
 
 Chosen and rejected responses go through the model in one batch (chosen rows first). The
-reference model's log-probs are computed once per (model, data) and cached on disk, since
-they never change. Metrics carry TRL's names (`rewards/chosen`, `rewards/accuracies`, ...).
+reference model's log-probs are computed once per (model, data), on the pairs the run will draw
+only, and cached on disk, since they never change. Metrics carry TRL's names (`rewards/chosen`,
+`rewards/accuracies`, ...).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from losses import PairLogps, preference_loss, preference_metrics
 from post_train.config import PipelineConfig
-from post_train.data import PreferenceExample, completion_example, load_dataset_checked, tokenize_examples
+from post_train.data import Truncation, load_dataset_checked, pair_rows
 from post_train.modeling import (
     batch_collate,
     load_frozen,
@@ -28,22 +29,10 @@ from post_train.modeling import (
 from post_train.reference import reference_logps
 from post_train.results import PreparedData, TrainedModel
 from post_train.stage_io import stage_main
-from post_train.tracking import is_main_process, log_curves, stage_run
-from post_train.training import StepOutput, frozen_dtype, make_accelerator, save_checkpoint, train
+from post_train.tracking import is_main_process, log_curves, regression_tags, stage_run
+from post_train.training import StepOutput, frozen_dtype, make_accelerator, rows_drawn, save_checkpoint, train
 
 DPO_CURVES = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "learning_rate"]
-
-
-def pair_examples(
-    tokenizer, examples: list[PreferenceExample], max_length: int, source: str = "preference data"
-) -> list[dict[str, Any]]:
-    def encode(pair: PreferenceExample) -> dict[str, Any]:
-        return {
-            "chosen": completion_example(tokenizer, pair.prompt, pair.chosen, max_length),
-            "rejected": completion_example(tokenizer, pair.prompt, pair.rejected, max_length),
-        }
-
-    return tokenize_examples(examples, encode, max_length, source)
 
 
 def pair_collate(padding_free: bool, pad_token_id: int):
@@ -95,14 +84,15 @@ def run(
     settings = config.dpo
     loss = preference_loss(settings.loss, **settings.loss_params)
     tokenizer = load_tokenizer(sft_model_path)
-    pairs = pair_examples(
-        tokenizer, load_dataset_checked(data.preferences, "preferences"), settings.max_length, data.preferences
-    )
+    examples = load_dataset_checked(data.preferences, "preferences")
+    pairs = pair_rows(tokenizer, examples, Truncation.of(settings))
+    examples.report.refuse_excess(settings.max_dropped_share, "dpo.max_dropped_share")
     collate = pair_collate(settings.padding_free, tokenizer.pad_token_id)
     accelerator = make_accelerator(config.mixed_precision)
-    reference_cache_hit = None
+    reference_cache_hit, used = None, []
     if loss.needs_ref:
-        sequences = [pair["chosen"] for pair in pairs] + [pair["rejected"] for pair in pairs]
+        used = [pairs[index] for index in rows_drawn(len(pairs), settings, accelerator)]
+        sequences = [pair["chosen"] for pair in used] + [pair["rejected"] for pair in used]
         rows, reference_cache_hit = reference_logps(
             lambda: load_frozen(sft_model_path, accelerator.device, frozen_dtype(accelerator)),
             sft_model_path,
@@ -113,7 +103,7 @@ def run(
             accelerator.device,
             accelerator,
         )
-        add_reference_logps(pairs, rows)
+        add_reference_logps(used, rows)
     model = load_model(sft_model_path)
 
     def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
@@ -136,8 +126,11 @@ def run(
 
     with stage_run("dpo", parent_run_id, {"dpo": settings.model_dump(mode="json"), "sft_model": sft_model_path}) as run:
         main = is_main_process()
+        if main:
+            examples.report.log()
         if reference_cache_hit is not None and main:
             mlflow.set_tag("reference_logps_cache_hit", str(reference_cache_hit).lower())
+            mlflow.log_metric("reference_rows", len(used))
         history = train(
             model,
             pairs,
@@ -162,7 +155,10 @@ def run(
         }
         if main:
             mlflow.log_metrics(metrics)
-        return TrainedModel(path=str(path), metrics=metrics, run_id=run.info.run_id)
+        result = TrainedModel(path=str(path), metrics={**metrics, **examples.report.metrics()}, run_id=run.info.run_id)
+        if main:
+            mlflow.set_tags(regression_tags(result.regressions))
+        return result
 
 
 if __name__ == "__main__":

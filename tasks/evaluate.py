@@ -10,14 +10,19 @@ import matplotlib.pyplot as plt
 import mlflow
 
 from post_train.config import PipelineConfig
-from post_train.data import EvalExample, PromptTooLong, load_dataset_checked, prompt_and_completion_ids
+from post_train.data import (
+    EvalExample,
+    PromptTooLong,
+    load_dataset_checked,
+    prompt_and_completion_ids,
+    response_completion,
+)
 from post_train.evaluation import (
     entropy_and_kl_of_responses,
     held_out_pairs,
     implicit_reward_diagnostics,
     import_vllm,
     is_world_prompt,
-    last_user_message,
     split_means,
 )
 from post_train.judges import make_judge
@@ -71,7 +76,7 @@ def fits(tokenizer, example: EvalExample, max_length: int) -> bool:
     """Whether the prompt leaves room for a response within `max_length` tokens."""
     try:
         prompt_and_completion_ids(
-            tokenizer, example.prompt, [{"role": "assistant", "content": example.reference}], max_length
+            tokenizer, example.prompt, response_completion(example.prompt, example.reference), max_length
         )
     except PromptTooLong:
         return False
@@ -138,7 +143,7 @@ def run(
     `reference_model_path` (SFT) and `base_model_path` when given; samples go to `output_dir` too."""
     settings = config.evaluation
     examples = load_dataset_checked(data.eval, "eval")
-    world = all(is_world_prompt(last_user_message(e)) for e in examples)
+    world = all(is_world_prompt(e.instruction) for e in examples)
     tokenizer = load_tokenizer(model_path)
     if settings.backend == "vllm":
         import_vllm()  # refuse before any work when it is missing
@@ -151,19 +156,19 @@ def run(
         "base_model": base_model_path or "none",
     }
     try:
-        judge.check(examples)  # refuse before any work
+        judge.check(judge.settings, examples)  # refuse before any work
         with stage_run("evaluate", parent_run_id, params) as run:
             model = load_frozen(model_path) if settings.backend == "transformers" else None
             outputs = generate_for(config, model_path, tokenizer, examples, model)
             references = [e.reference for e in examples]
-            verdicts = judge.judge([e.prompt for e in examples], outputs, references)
+            verdicts = judge.judge([e.messages for e in examples], outputs, references)
             metrics = judged_metrics(config, examples, verdicts, outputs, references)
             rows = samples_table(examples, outputs, references, verdicts)
             if world:  # the exact reward, whatever the judge: what the demo world is for
                 from post_train.world.reward import gold_reward
 
                 for example, output, row in zip(examples, outputs, rows):
-                    instruction = last_user_message(example)
+                    instruction = example.instruction
                     row["gold_reward"] = gold_reward(instruction, output)
                     row["reference_gold_reward"] = gold_reward(instruction, example.reference)
                 splits = [e.split for e in examples]

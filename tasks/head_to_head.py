@@ -29,7 +29,7 @@ def run(
     """Win rate of the model at `candidate_path` against the one at `baseline_path` on the evaluation prompts."""
     examples = load_dataset_checked(data.eval, "eval")
     judge = make_judge(config.evaluation, config.cache_dir)
-    judge.check(examples)
+    judge.check(judge.settings, examples)
     params = {
         "challenger": candidate_path,
         "champion": baseline_path,
@@ -40,7 +40,7 @@ def run(
         with stage_run("head-to-head", parent_run_id, params) as run:
             candidates = generate_for(config, candidate_path, load_tokenizer(candidate_path), examples)
             baselines = generate_for(config, baseline_path, load_tokenizer(baseline_path), examples)
-            verdicts = judge.judge([e.prompt for e in examples], candidates, baselines)
+            verdicts = judge.judge([e.messages for e in examples], candidates, baselines)
             metrics = {
                 f"{HEAD_TO_HEAD}{key}": value
                 for key, value in judged_metrics(config, examples, verdicts, candidates, baselines).items()

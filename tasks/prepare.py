@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from post_train.config import PipelineConfig
+from post_train.config import DATASET_SECTIONS, PipelineConfig
 from post_train.data import DataError, load_dataset_checked
 from post_train.results import PreparedData
 from post_train.stage_io import stage_main
@@ -43,18 +43,25 @@ def reproduce_world(dvc_root: Path, world: str) -> tuple[Path, str]:
     return dvc_root / outs[0]["path"], outs[0]["md5"]
 
 
-def _sources_hash(sources: dict[str, str]) -> str:
+def source_hash(source: str) -> str:
+    """sha256 of a dataset's content: a file's bytes, or a directory's files with their relative names (they set
+    the order rows load in); a Hub dataset's name stands for its content."""
     digest = hashlib.sha256()
-    for kind, source in sorted(sources.items()):
-        digest.update(kind.encode())
-        path = Path(source)
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        if path.exists():
-            for file in files:
-                digest.update(file.read_bytes())
-        else:  # a Hub dataset: its name stands for its content
-            digest.update(source.encode())
+    path = Path(source)
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+            digest.update(file.read_bytes())
+    elif path.exists():
+        digest.update(path.read_bytes())
+    else:
+        digest.update(source.encode())
     return digest.hexdigest()[:32]
+
+
+def _combined_hash(hashes: dict[str, str]) -> str:
+    pairs = "".join(f"{kind}:{value};" for kind, value in sorted(hashes.items()))
+    return hashlib.sha256(pairs.encode()).hexdigest()[:32]
 
 
 def run(config: PipelineConfig) -> PreparedData:
@@ -67,10 +74,17 @@ def run(config: PipelineConfig) -> PreparedData:
         for kind, file in WORLD_FILES.items():
             sources[kind] = sources[kind] or str(world_dir / file)
         pretrain_corpus = str(world_dir / PRETRAIN_FILE)
-    sizes = {kind: len(load_dataset_checked(source, kind)) for kind, source in sources.items()}
+    checked = {kind: load_dataset_checked(source, kind) for kind, source in sources.items()}
+    for kind, section in DATASET_SECTIONS.items():
+        share = getattr(config, section).max_dropped_share
+        checked[kind].report.refuse_excess(share, f"{section}.max_dropped_share")
+    sizes = {kind: len(examples) for kind, examples in checked.items()}
+    hashes = {kind: source_hash(source) for kind, source in sources.items()}
     all_from_world = world_hash is not None and not any(getattr(config.data, kind) for kind in WORLD_FILES)
-    data_hash = world_hash if all_from_world else _sources_hash(sources)
-    return PreparedData(**sources, data_hash=data_hash, pretrain_corpus=pretrain_corpus, sizes=sizes)
+    data_hash = world_hash if all_from_world else _combined_hash(hashes)
+    if world_hash is not None:
+        hashes["world"] = world_hash  # pretraining reads every file of the world (its tokenizer too)
+    return PreparedData(**sources, data_hash=data_hash, pretrain_corpus=pretrain_corpus, sizes=sizes, hashes=hashes)
 
 
 if __name__ == "__main__":

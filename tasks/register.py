@@ -10,6 +10,11 @@ commit, flow run id, judge, win rates) and a short model card as its description
   head: both models generate for every evaluation prompt (the recipe's generation settings) and the
   recipe's judge compares the two outputs, the challenger's as the candidate and the champion's as
   the baseline (`tasks/head_to_head.py`, a stage of its own that the flow runs before this one).
+
+A model that a training stage made worse than it started (`TrainedModel.regressions`) is flagged (tag
+`regressed`, a line in the card) and not promoted unless `registry.promote_regressed`. The decision is
+taken and applied under `registry_lock`, against the champion as it is then: a run whose head-to-head
+met a champion that has since been replaced (or that found none, where there now is one) is not promoted.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from post_train.config import PipelineConfig
+from post_train.config import PipelineConfig, RegistryConfig
+from post_train.data import describe_counts
 from post_train.evaluation import splits_in
 from post_train.fingerprint import REPO_ROOT
 from post_train.results import ALL, HEAD_TO_HEAD, Champion, HeadToHead, Registration
-from post_train.tracking import stage_run, tracking_uri
+from post_train.tracking import current_champion, registry_lock, regression_tags, stage_run, tracking_uri
 
 WIN_RATE_TAG = "win_rate"
 
@@ -49,6 +55,27 @@ def promotion_decision(comparison: HeadToHead | None, ci_lower_bound: float) -> 
     return True, f"{interval} is above 50% with the CI's lower bound above {100 * ci_lower_bound:.1f}%"
 
 
+def decide(
+    registry: RegistryConfig,
+    comparison: HeadToHead | None,
+    compared_with: str | None,
+    champion_now: str | None,
+    regressions: list[str],
+) -> tuple[bool, str]:
+    """(promote?, why), taken under the registry lock: `promotion_decision`, unless a training stage made the model
+    worse (and `registry.promote_regressed` is off) or the champion is no longer the one `comparison` met."""
+    if regressions and not registry.promote_regressed:
+        return False, (
+            f"a training stage ended worse than it started ({'; '.join(regressions)}); "
+            "registry.promote_regressed: true would promote it anyway"
+        )
+    if champion_now != compared_with:
+        then = f"version {compared_with}" if compared_with else "no champion"
+        now = f"version {champion_now}" if champion_now else "none"
+        return False, f"this run met {then}, but another run changed the champion since (now {now}); rerun to meet it"
+    return promotion_decision(comparison, registry.promotion_ci_lower_bound)
+
+
 def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
@@ -63,8 +90,11 @@ def model_card(
     champion_version: str | None,
     promote: bool,
     reason: str,
+    regressions: list[str],
+    data_counts: dict[str, float] | None = None,
 ) -> str:
-    """A short markdown model card: what was trained on what, and how it scored."""
+    """A short markdown model card: what was trained on what (and which rows were dropped or truncated, by reason),
+    how it scored, and any stage that got worse."""
     lines = [
         f"**{config.registry.model_name}** — recipe `{config.recipe}` at scale `{config.scale}` "
         f"(SFT `{config.sft.objective}` lr {config.sft.learning_rate:g}, "
@@ -73,6 +103,7 @@ def model_card(
         f"- data hash: `{data_hash}`",
         f"- git commit: `{commit}`",
         f"- judge: `{config.evaluation.judge}`",
+        *(f"- {dataset} data: {counts}" for dataset, counts in describe_counts(data_counts or {})),
         "",
         "Win rate against the reference responses (%):",
         "",
@@ -101,6 +132,8 @@ def model_card(
             f"(CI {_percent(comparison.ci_low)}–{_percent(comparison.ci_high)}%, LC "
             f"{_percent(comparison.metrics.get(f'{HEAD_TO_HEAD}lc_win_rate/{ALL}'))}%)."
         )
+    for regression in regressions:
+        lines.append(f"**Flagged**: {regression}.")
     lines.append(f"**{'Promoted to' if promote else 'Not promoted to'} `{config.registry.champion_alias}`**: {reason}.")
     return "\n".join(lines)
 
@@ -115,11 +148,15 @@ def run(
     metrics: dict[str, float] | None = None,
     champion: Champion | None = None,
     comparison: HeadToHead | None = None,
+    regressions: list[str] | None = None,
+    data_counts: dict[str, float] | None = None,
 ) -> Registration:
     """Register `model_path` as a new version (alias challenger) and promote it to champion when it beats `champion`.
 
     `win_rate` and `metrics` are the evaluate stage's (against the references); `comparison` is the
-    head-to-head against `champion`, the champion the flow fetched (None: there is none yet).
+    head-to-head against `champion`, the champion the flow fetched (None: there is none yet);
+    `regressions` says how the training stages that made the model ended worse than they started;
+    `data_counts` are their `data/...` counts (rows used, dropped and truncated by reason).
     """
     registry = config.registry
     name, alias = registry.model_name, registry.champion_alias
@@ -128,60 +165,72 @@ def run(
         raise ValueError(
             f"a champion ({name} version {champion.version}) exists: registering needs the head-to-head against it"
         )
-    promote, reason = promotion_decision(comparison, registry.promotion_ci_lower_bound)
+    regressions = list(regressions or [])
     commit = git_commit()
     with stage_run("register", parent_run_id) as run:
         mlflow.log_artifacts(model_path, artifact_path="model")
-        try:
-            client.get_registered_model(name)
-        except MlflowException:
-            client.create_registered_model(name, description="Models post-trained by the post-train pipeline.")
-        tags: dict[str, Any] = {
-            "recipe": config.recipe,
-            "scale": config.scale,
-            "data_hash": data_hash,
-            "git_commit": commit,
-            "flow_run_id": flow_run_id or "none",
-            "judge": config.evaluation.judge,
-            WIN_RATE_TAG: f"{win_rate:.4f}",
-            "promoted": str(promote).lower(),
-            "promotion_reason": reason,
-        }
-        for key in ("lc_win_rate", "win_rate_ci_low", "win_rate_ci_high"):
-            if metrics and f"{key}/{ALL}" in metrics:
-                tags[key] = f"{metrics[f'{key}/{ALL}']:.4f}"
-        if comparison is not None:
-            tags.update(
-                {
-                    "head_to_head_vs": str(champion.version),
-                    "head_to_head_win_rate": f"{comparison.win_rate:.4f}",
-                    "head_to_head_ci_low": f"{comparison.ci_low:.4f}",
-                    "head_to_head_ci_high": f"{comparison.ci_high:.4f}",
-                }
+        with registry_lock(client, name):  # from reading the champion to moving the aliases
+            try:
+                client.get_registered_model(name)
+            except MlflowException:
+                client.create_registered_model(name, description="Models post-trained by the post-train pipeline.")
+            current = current_champion(client, name, alias)
+            promote, reason = decide(
+                registry,
+                comparison,
+                champion.version if champion else None,
+                str(current.version) if current else None,
+                regressions,
             )
-        card = model_card(
-            config,
-            data_hash,
-            commit,
-            win_rate,
-            metrics,
-            comparison,
-            str(champion.version) if champion else None,
-            promote,
-            reason,
-        )
-        version = client.create_model_version(
-            name,
-            source=f"{run.info.artifact_uri}/model",
-            run_id=run.info.run_id,
-            tags=tags,
-            description=card,
-        )
-        client.set_registered_model_alias(name, registry.challenger_alias, version.version)
-        if promote:
-            client.set_registered_model_alias(name, alias, version.version)
+            tags: dict[str, Any] = {
+                "recipe": config.recipe,
+                "scale": config.scale,
+                "data_hash": data_hash,
+                "git_commit": commit,
+                "flow_run_id": flow_run_id or "none",
+                "judge": config.evaluation.judge,
+                WIN_RATE_TAG: f"{win_rate:.4f}",
+                "promoted": str(promote).lower(),
+                "promotion_reason": reason,
+                **regression_tags(regressions),
+            }
+            for key in ("lc_win_rate", "win_rate_ci_low", "win_rate_ci_high"):
+                if metrics and f"{key}/{ALL}" in metrics:
+                    tags[key] = f"{metrics[f'{key}/{ALL}']:.4f}"
+            if comparison is not None:
+                tags.update(
+                    {
+                        "head_to_head_vs": str(champion.version),
+                        "head_to_head_win_rate": f"{comparison.win_rate:.4f}",
+                        "head_to_head_ci_low": f"{comparison.ci_low:.4f}",
+                        "head_to_head_ci_high": f"{comparison.ci_high:.4f}",
+                    }
+                )
+            card = model_card(
+                config,
+                data_hash,
+                commit,
+                win_rate,
+                metrics,
+                comparison,
+                str(champion.version) if champion else None,
+                promote,
+                reason,
+                regressions,
+                data_counts,
+            )
+            version = client.create_model_version(
+                name,
+                source=f"{run.info.artifact_uri}/model",
+                run_id=run.info.run_id,
+                tags=tags,
+                description=card,
+            )
+            client.set_registered_model_alias(name, registry.challenger_alias, version.version)
+            if promote:
+                client.set_registered_model_alias(name, alias, version.version)
         mlflow.log_params({"registered_model": name, "version": version.version, "promoted": promote})
-        mlflow.set_tag("promotion_reason", reason)
+        mlflow.set_tags({"promotion_reason": reason, **regression_tags(regressions)})
         if comparison is not None:
             mlflow.log_metrics(comparison.metrics)
         mlflow.log_text(card, "model_card.md")

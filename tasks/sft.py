@@ -1,10 +1,10 @@
 """Stage 3, SFT: train the base model on demonstrations with the recipe's SFT objective.
 
 The objective is looked up by name in `losses`; this stage only supplies what it asks for:
-reference log-probs from the frozen base model (`needs_ref`, computed once and cached on
-disk) and an old-policy snapshot every `rollout_steps` optimizer steps (`needs_old`, PSFT). Every few steps it
-measures the exact token KL to the base model and the entropy on held-out responses,
-the drift arXiv 2507.00018 says plain SFT leaves unchecked.
+reference log-probs from the frozen base model (`needs_ref`, on the rows the run will draw only,
+computed once and cached on disk) and an old-policy snapshot every `rollout_steps` optimizer steps
+(`needs_old`, PSFT). Every few steps it measures the exact token KL to the base model and the
+entropy on held-out responses, the drift arXiv 2507.00018 says plain SFT leaves unchecked.
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ import torch
 
 from losses import sft_objective
 from post_train.config import PipelineConfig
-from post_train.data import EvalExample, SFTExample, completion_example, load_dataset_checked, tokenize_examples
+from post_train.data import (
+    DataError,
+    EvalExample,
+    PromptTooLong,
+    Truncation,
+    completion_example,
+    load_dataset_checked,
+    response_completion,
+    sft_rows,
+)
 from post_train.modeling import (
     batch_collate,
     entropy_and_kl_of_batch,
@@ -31,31 +40,27 @@ from post_train.modeling import (
 from post_train.reference import reference_logps
 from post_train.results import PreparedData, TrainedModel
 from post_train.stage_io import stage_main
-from post_train.tracking import is_main_process, log_curves, stage_run
-from post_train.training import StepOutput, frozen_dtype, make_accelerator, save_checkpoint, train
+from post_train.tracking import is_main_process, log_curves, regression_tags, stage_run
+from post_train.training import StepOutput, frozen_dtype, make_accelerator, rows_drawn, save_checkpoint, train
 
 SFT_CURVES = ["loss", "mean_token_weight", "kl_to_base", "entropy", "learning_rate", "grad_norm"]
 
 
-def sft_examples(
-    tokenizer, examples: list[SFTExample], max_length: int, source: str = "sft data"
-) -> list[dict[str, Any]]:
-    return tokenize_examples(
-        examples,
-        lambda e: completion_example(tokenizer, e.messages[:-1], e.messages[-1:], max_length),
-        max_length,
-        source,
-    )
-
-
 def held_out_batch(tokenizer, examples: list[EvalExample], size: int, max_length: int, device) -> dict[str, Any]:
-    """Evaluation prompts with their reference responses: text the SFT data does not contain."""
-    rows = tokenize_examples(
-        examples[:size],
-        lambda e: completion_example(tokenizer, e.prompt, [{"role": "assistant", "content": e.reference}], max_length),
-        max_length,
-        "evaluation data",
-    )
+    """Evaluation prompts with their reference responses: text the SFT data does not contain (prompts that leave no
+    room for a response within `max_length` left out)."""
+    rows = []
+    for example in examples[:size]:
+        try:
+            rows.append(
+                completion_example(
+                    tokenizer, example.prompt, response_completion(example.prompt, example.reference), max_length
+                )
+            )
+        except PromptTooLong:
+            continue
+    if not rows:
+        raise DataError(f"every evaluation prompt among the first {size} fills max_length {max_length}")
     return to_device(pad_collate(tokenizer.pad_token_id)(rows), device)
 
 
@@ -74,24 +79,28 @@ def run(
     settings = config.sft
     objective = sft_objective(settings.objective, **settings.objective_params)
     tokenizer = load_tokenizer(base_model_path, config.model.resolved_chat_template())
-    dataset = sft_examples(tokenizer, load_dataset_checked(data.sft, "sft"), settings.max_length, data.sft)
+    examples = load_dataset_checked(data.sft, "sft")
+    dataset = sft_rows(tokenizer, examples, Truncation.of(settings))
+    examples.report.refuse_excess(settings.max_dropped_share, "sft.max_dropped_share")
     collate = batch_collate(settings.padding_free, tokenizer.pad_token_id)
     accelerator = make_accelerator(config.mixed_precision)
     base = load_frozen(base_model_path, accelerator.device, frozen_dtype(accelerator))
-    reference_cache_hit = None
+    rollout_steps = settings.rollout_steps if objective.needs_old else 1
+    reference_cache_hit, used = None, None
     if objective.needs_ref:
+        used = rows_drawn(len(dataset), settings, accelerator, rollout_steps)
         ref_rows, reference_cache_hit = reference_logps(
             lambda: base,
             base_model_path,
-            dataset,
+            [dataset[index] for index in used],
             pad_collate(tokenizer.pad_token_id),
             settings.micro_batch_size,
             Path(config.cache_dir),
             accelerator.device,
             accelerator,
         )
-        for example, ref_row in zip(dataset, ref_rows):
-            example["ref_logps"] = ref_row
+        for index, ref_row in zip(used, ref_rows):
+            dataset[index]["ref_logps"] = ref_row
     model = load_model(base_model_path)
     diagnostics_batch = held_out_batch(
         tokenizer,
@@ -120,8 +129,11 @@ def run(
         "sft", parent_run_id, {"sft": settings.model_dump(mode="json"), "base_model": base_model_path}
     ) as run:
         main = is_main_process()
+        if main:
+            examples.report.log()
         if reference_cache_hit is not None and main:
             mlflow.set_tag("reference_logps_cache_hit", str(reference_cache_hit).lower())
+            mlflow.log_metric("reference_rows", len(used))
         history = train(
             model,
             dataset,
@@ -133,7 +145,7 @@ def run(
             diagnostics=drift_from_base,
             diagnostics_every=settings.diagnostics_every,
             before_rollout=snapshot_old_policy if objective.needs_old else None,
-            rollout_steps=settings.rollout_steps if objective.needs_old else 1,
+            rollout_steps=rollout_steps,
             description=f"sft ({settings.objective})",
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=config.compute.checkpoint_every,
@@ -152,7 +164,10 @@ def run(
         }
         if main:
             mlflow.log_metrics(metrics)
-        return TrainedModel(path=str(path), metrics=metrics, run_id=run.info.run_id)
+        result = TrainedModel(path=str(path), metrics={**metrics, **examples.report.metrics()}, run_id=run.info.run_id)
+        if main:
+            mlflow.set_tags(regression_tags(result.regressions))
+        return result
 
 
 if __name__ == "__main__":

@@ -431,7 +431,14 @@ def test_a_stage_runs_as_a_managed_job_and_its_result_comes_back_through_the_buc
             bucket / "sft.jsonl", [{"messages": message + [{"role": "assistant", "content": "a b"}]}]
         ),
         "data.preferences": write_jsonl(
-            bucket / "prefs.jsonl", [{"prompt": message, "chosen": "a b", "rejected": "b"}]
+            bucket / "prefs.jsonl",
+            [
+                {
+                    "prompt": message,
+                    "chosen": [{"role": "assistant", "content": "a b"}],
+                    "rejected": [{"role": "assistant", "content": "b"}],
+                }
+            ],
         ),
         "data.eval": write_jsonl(bucket / "eval.jsonl", [{"prompt": message, "reference": "a b"}]),
     }

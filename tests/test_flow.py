@@ -57,6 +57,11 @@ def test_post_train_runs_end_to_end_and_registers_a_champion(prefect_server, wor
     assert "sft_curves.png" in artifacts["sft"] and "dpo_curves.png" in artifacts["dpo"]
     assert {"win_rates.png", "eval_samples.json"} <= artifacts["evaluate"]
     assert "config.json" in {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
+    # Every row of the smoke world is used; the counts reach the summary and the model card.
+    assert summary["data"]["data/sft/used"] == summary["data"]["data/sft/rows"] == 64
+    assert summary["data"]["data/preferences/used"] == 32
+    assert "data_report_sft.json" in artifacts["sft"] and "data_report_preferences.json" in artifacts["dpo"]
+    assert "- sft data: 64 of 64 rows used" in champion.description
 
     # A new DPO beta reuses the cached base and SFT models and reruns only DPO onwards.
     again = post_train(
@@ -67,6 +72,28 @@ def test_post_train_runs_end_to_end_and_registers_a_champion(prefect_server, wor
     assert again["model_version"] == "2"
     cached_sft = runs_by_stage(client, again["mlflow_run_id"])["sft"]
     assert cached_sft.data.tags["cache_hit"] == "true" and "loss_final" in cached_sft.data.metrics
+    # No stage got worse (a flagged one would be named in the summary and not promoted), cached or not.
+    assert summary["regressions"] == again["regressions"] == []
+    assert cached_sft.data.tags["regressed"] == "false" == client.get_run(again["mlflow_run_id"]).data.tags["regressed"]
+
+
+def test_a_diverging_stage_stops_the_run_unretried_and_registers_nothing(prefect_server, workspace, mlflow_store):
+    from flows.pipeline import post_train
+    from post_train.errors import TrainingDiverged
+
+    overrides = {**smoke_overrides(workspace), "sft.learning_rate": 1e30}
+    with pytest.raises(TrainingDiverged, match=r"sft \(nll\) diverged: .* at step \d+"):
+        post_train(recipe="lowlr", scale="smoke", overrides=overrides)
+    client = MlflowClient(mlflow_store)
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("post-train").experiment_id], "tags.mlflow.parentRunId IS NULL"
+    )
+    assert parent.info.status == "FAILED"
+    stages = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    sft_runs = [run for run in stages if run.data.tags["stage"] == "sft"]
+    assert [run.info.status for run in sft_runs] == ["FAILED"]  # one attempt: a refusal is not retried
+    assert "register" not in {run.data.tags["stage"] for run in stages}
+    assert client.search_registered_models() == []
 
 
 def test_bad_configuration_is_refused_before_any_work(prefect_server, workspace, mlflow_store):
@@ -79,7 +106,7 @@ def test_bad_configuration_is_refused_before_any_work(prefect_server, workspace,
     assert not (workspace / "repo" / "data").exists()
 
 
-def test_a_malformed_row_fails_the_run_before_training(prefect_server, workspace, mlflow_store):
+def test_a_malformed_row_fails_the_run_before_any_work(prefect_server, workspace, mlflow_store):
     from flows.pipeline import post_train
 
     bad = workspace / "sft.jsonl"
@@ -87,9 +114,10 @@ def test_a_malformed_row_fails_the_run_before_training(prefect_server, workspace
     overrides = {**smoke_overrides(workspace), "data.sft": str(bad)}
     with pytest.raises(DataError, match=rf"{bad}, row 0: the last message must be the assistant's"):
         post_train(recipe="lowlr", scale="smoke", overrides=overrides)
-    client = MlflowClient(mlflow_store)
-    runs = client.search_runs([client.get_experiment_by_name("post-train").experiment_id])
-    assert [run.info.status for run in runs] == ["FAILED"]  # the parent; no stage ever started
+    # The inputs are validated first: no MLflow run, no run directory, no data generated.
+    experiment = MlflowClient(mlflow_store).get_experiment_by_name("post-train")
+    assert experiment is None or MlflowClient(mlflow_store).search_runs([experiment.experiment_id]) == []
+    assert not (workspace / "runs").exists() and not (workspace / "repo" / "data").exists()
 
 
 def test_a_users_own_model_and_datasets_from_local_paths(prefect_server, workspace, mlflow_store, smoke_stages):

@@ -32,12 +32,13 @@ class JudgeServer:
     With log-probs requested it answers P(longer) = `confidence` in `top_logprobs` (whitespace
     variants and an unrelated token included); `logprobs=False` makes it ignore the request's
     log-probs (an endpoint without them). `fail_next` answers that many requests with HTTP 500;
-    `delay` holds every answer that long. Every request is recorded.
+    `delay` holds every answer that long; `status` answers every request with that error, whose body quotes the
+    request's Authorization header when `echo_key` (as some endpoints do in a 401). Every request is recorded.
     """
 
     def __init__(self, confidence: float = 0.8, logprobs: bool = True):
         self.confidence, self.logprobs = confidence, logprobs
-        self.fail_next, self.delay, self.status = 0, 0.0, None
+        self.fail_next, self.delay, self.status, self.echo_key = 0, 0.0, None, False
         self.requests: list[dict] = []
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
@@ -60,7 +61,10 @@ class JudgeServer:
                 try:
                     time.sleep(server.delay)
                     if server.status is not None:
-                        return self._send(server.status, {"error": {"message": "no such model"}})
+                        message = "no such model"
+                        if server.echo_key:
+                            message = f"Incorrect API key provided: {self.headers.get('Authorization')}"
+                        return self._send(server.status, {"error": {"message": message}})
                     if fail:
                         return self._send(500, {"error": {"message": "overloaded"}})
                     return self._send(200, server.completion(body))
@@ -262,6 +266,18 @@ def test_llm_judge_times_out_and_refuses_bad_requests_without_retrying(judge_ser
     assert len(judge_server.requests) == 3  # no retry of a request the endpoint will never accept
 
 
+def test_an_endpoint_that_echoes_the_key_never_gets_it_into_an_error(judge_server, tmp_path, monkeypatch, caplog):
+    """The refusal's message goes to the console, outputs.json, Prefect's database and MLflow's `error` tag."""
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    judge_server.status, judge_server.echo_key = 401, True
+    judge = LLMJudge(llm_settings(judge_server, tmp_path), tmp_path)
+    with pytest.raises(ConfigError, match=r"HTTP 401: .*Incorrect API key provided: Bearer \[redacted\]") as refused:
+        judge.judge(*[x[:1] for x in pairs(1)])
+    judge.close()
+    assert judge_server.requests[-1]["authorization"] == f"Bearer {SECRET}"  # the endpoint did get (and echo) it
+    assert SECRET not in str(refused.value) and SECRET not in caplog.text
+
+
 def test_llm_judge_limits_concurrency(judge_server, tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)
     judge_server.delay = 0.05
@@ -428,13 +444,13 @@ def test_gold_judge_compares_exact_rewards_and_refuses_other_prompts(tmp_path):
         gold.judge([[{"role": "user", "content": "Write a poem."}]], ["x"], ["y"])
 
     world = [EvalExample(prompt=prompts[0], reference="c b a", split="in_distribution")]
-    gold.check(world)
+    gold.check(gold.settings, world)
     assert gold.extra_metrics(world, verdicts[:1]) == {}
     poem = EvalExample(prompt=[{"role": "user", "content": "Write a poem."}], reference="...", split="x")
     with pytest.raises(
         ConfigError, match="demo-world prompts only, and 1 of the 2 evaluation prompts are others.*Write a poem"
     ):
-        gold.check(world + [poem])
+        gold.check(gold.settings, world + [poem])
 
 
 # --------------------------------------------------------------------------------------------- reward model

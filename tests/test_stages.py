@@ -32,6 +32,11 @@ PREPARE_COMMAND = Stage("prepare", "tasks.prepare", key=lambda config, arguments
 """The prepare stage as a cached command (in the flow it runs in-process): the cheapest real stage command."""
 
 
+def entries(stage_dir: Path) -> list[str]:
+    """The cache entries of a stage: what is there but the keys' lock files."""
+    return sorted(path.name for path in stage_dir.iterdir() if path.suffix != ".lock")
+
+
 def bad_sft_config(tmp_path: Path):
     (tmp_path / "sft.jsonl").write_text(json.dumps({"messages": []}) + "\n")
     return load_config(
@@ -107,7 +112,7 @@ def test_a_child_process_refusal_keeps_its_type_and_message(tmp_path: Path):
     with pytest.raises(DataError, match=r"sft\.jsonl, row 0: field 'messages' must be a non-empty list"):
         run_stage(PREPARE_COMMAND, config, RunContext(str(tmp_path / "run")))
     assert json.loads((tmp_path / "run" / "prepare" / "outputs.json").read_text())["error"]["type"] == "DataError"
-    assert not any((tmp_path / "cache" / "stages" / "prepare").iterdir())  # nothing cached
+    assert entries(tmp_path / "cache" / "stages" / "prepare") == []  # nothing cached
 
 
 def test_a_crash_without_a_result_is_a_stage_failure(tmp_path: Path):
@@ -142,7 +147,7 @@ def test_an_interrupted_stage_leaves_nothing_in_the_cache(tmp_path: Path):
 
     with pytest.raises(RuntimeError):
         cached("sft", "k2", str(tmp_path), fail, Made)
-    assert list((tmp_path / "stages" / "sft").iterdir()) == []
+    assert entries(tmp_path / "stages" / "sft") == []
 
 
 # --- what a stage's key reaches -------------------------------------------------------------------

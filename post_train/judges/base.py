@@ -52,8 +52,10 @@ class Judge:
         """What the verdicts depend on besides the outputs, for cache keys; computed without starting the judge."""
         return {"judge": cls.name, cls.name: settings.model_dump(mode="json")}
 
-    def check(self, examples: Sequence[EvalExample]) -> None:
-        """Raise ConfigError when this judge cannot judge these evaluation prompts (called before any generation)."""
+    @classmethod
+    def check(cls, settings: JudgeSettings, examples: Sequence[EvalExample]) -> None:
+        """Raise ConfigError when this judge cannot judge these evaluation prompts; called without starting the judge
+        (`post-train validate`) and before any generation."""
 
     def judge(self, prompts: Sequence[Messages], candidates: Sequence[str], baselines: Sequence[str]) -> list[Verdict]:
         """One verdict per prompt: `candidates[i]` against `baselines[i]`."""

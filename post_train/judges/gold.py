@@ -19,10 +19,11 @@ class GoldJudge(Judge):
     name = "gold"
     settings_model = GoldJudgeSettings
 
-    def check(self, examples):
-        from post_train.evaluation import is_world_prompt, last_user_message
+    @classmethod
+    def check(cls, settings, examples):
+        from post_train.evaluation import is_world_prompt
 
-        others = [last_user_message(e) for e in examples if not is_world_prompt(last_user_message(e))]
+        others = [e.instruction for e in examples if not is_world_prompt(e.instruction)]
         if others:
             raise ConfigError(
                 f"evaluation.judge gold scores demo-world prompts only, and {len(others)} of the {len(examples)} "

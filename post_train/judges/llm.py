@@ -24,8 +24,9 @@ from typing import Any, Mapping
 
 from pydantic import Field, field_validator
 
+from post_train.data import prompt_text
 from post_train.errors import ConfigError
-from post_train.judges.base import Judge, JudgeSettings, Messages, Verdict
+from post_train.judges.base import Judge, JudgeSettings, Verdict
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +78,6 @@ class LLMJudgeSettings(JudgeSettings):
         return value
 
 
-def instruction_text(prompt: Messages) -> str:
-    """The instruction a judge sees: the user's message, or the whole conversation for several turns."""
-    if len(prompt) == 1:
-        return prompt[0]["content"]
-    return "\n\n".join(f"{message['role']}: {message['content']}" for message in prompt)
-
-
 PROMPT_VERSION = "alpaca_eval_2_pairwise_v1"
 """Part of every cache key: a change of the judge prompt below must not reuse old answers."""
 
@@ -124,6 +118,7 @@ Evaluate the models based on the quality and relevance of their outputs, and sel
 """
 
 FIRST, SECOND = "m", "M"
+REDACTED = "[redacted]"
 RETRYABLE_STATUS = {408, 409, 425, 429}
 MAX_BACKOFF_S = 60.0
 
@@ -222,6 +217,7 @@ class LLMJudge(Judge):
 
         super().__init__(settings, cache_dir)
         headers = {"Content-Type": "application/json"}
+        self._secrets: list[str] = []
         if settings.api_key_env is not None:
             key = os.environ.get(settings.api_key_env)
             if not key:
@@ -230,6 +226,7 @@ class LLMJudge(Judge):
                     "export it (or set api_key_env: null for an endpoint without a key)"
                 )
             headers["Authorization"] = f"Bearer {key}"
+            self._secrets.append(key)
         # The key lives only in this client's headers: never in the config, logs, MLflow or the cache.
         self._client = httpx.Client(headers=headers, timeout=settings.timeout_s)
         self.url = f"{settings.base_url}/chat/completions"
@@ -258,6 +255,13 @@ class LLMJudge(Judge):
             body.update(logprobs=True, top_logprobs=self.settings.top_logprobs)
         return body
 
+    def _redacted(self, text: str) -> str:
+        """`text` from the endpoint (an error body, an exception) without the key: some endpoints echo the key they
+        were sent, and the text goes to logs, outputs.json, Prefect's database and MLflow."""
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         """One chat completion, retried with exponential backoff on timeouts, connection errors, 429 and 5xx."""
         import httpx
@@ -272,7 +276,7 @@ class LLMJudge(Judge):
             except httpx.TimeoutException:
                 last = f"timed out after {self.settings.timeout_s} s"
             except httpx.TransportError as error:
-                last = f"{type(error).__name__}: {error}"
+                last = self._redacted(f"{type(error).__name__}: {error}")
             else:
                 if response.status_code == 200:
                     try:
@@ -287,7 +291,7 @@ class LLMJudge(Judge):
                 else:  # a request the endpoint will never accept: wrong URL, model, key or parameters
                     raise ConfigError(
                         f"judge endpoint {self.url} (model {self.settings.model}) refused the request: "
-                        f"HTTP {response.status_code}: {response.text[:500]}"
+                        f"HTTP {response.status_code}: {self._redacted(response.text)[:500]}"
                     )
             if attempt < self.settings.max_retries:
                 logger.warning(
@@ -309,7 +313,7 @@ class LLMJudge(Judge):
         verdicts: list[Verdict | None] = [None] * len(candidates)
         pending: dict[str, list[tuple[int, bool, str, str, str]]] = {}
         for index, (prompt, candidate, baseline) in enumerate(zip(prompts, candidates, baselines)):
-            instruction = instruction_text(prompt)
+            instruction = prompt_text(prompt)  # the user's message, or the whole conversation
             first = candidate_shown_first(self.settings.seed, instruction)
             if candidate == baseline:
                 verdicts[index] = Verdict(0.5, source="identical", candidate_shown_first=first)
