@@ -108,6 +108,7 @@ def store_with_a_champion(tmp_path: Path) -> str:
         None,
         True,
         "first version: no champion yet",
+        [],
     )
     version = client.create_model_version(
         "post-train",
