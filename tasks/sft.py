@@ -15,7 +15,7 @@ from typing import Any
 import mlflow
 import torch
 
-from losses import sft_objective
+from losses import SFTObjective, sft_objective
 from post_train.config import PipelineConfig
 from post_train.data import (
     DataError,
@@ -41,7 +41,16 @@ from post_train.reference import reference_logps
 from post_train.results import PreparedData, TrainedModel
 from post_train.stage_io import stage_main
 from post_train.tracking import is_main_process, log_curves, regression_tags, stage_run
-from post_train.training import StepOutput, frozen_dtype, make_accelerator, rows_drawn, save_checkpoint, train
+from post_train.training import (
+    RolloutFn,
+    StepFn,
+    StepOutput,
+    frozen_dtype,
+    make_accelerator,
+    rows_drawn,
+    save_checkpoint,
+    train,
+)
 
 SFT_CURVES = ["loss", "mean_token_weight", "kl_to_base", "entropy", "learning_rate", "grad_norm"]
 
@@ -62,6 +71,37 @@ def held_out_batch(tokenizer, examples: list[EvalExample], size: int, max_length
     if not rows:
         raise DataError(f"every evaluation prompt among the first {size} fills max_length {max_length}")
     return to_device(pad_collate(tokenizer.pad_token_id)(rows), device)
+
+
+def objective_step(objective: SFTObjective, fused_logprobs: bool) -> StepFn:
+    """One micro-batch of SFT with `objective`: its summed loss and the summed token weights."""
+
+    def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
+        logps, mask = target_logprobs(model, batch, fused_logprobs)
+        old_logps = None
+        if objective.needs_old:
+            # Absent on a rollout's first step, whose weights are still the old policy's: this pass's own log-probs.
+            old_logps = batch.get("old_logps", logps.detach())
+        out = objective(logps, mask, ref_logps=batch.get("ref_logps"), old_logps=old_logps)
+        return StepOutput(out.loss * mask.sum(), {"mean_token_weight": out.weights.sum().detach()})
+
+    return step
+
+
+def old_policy_snapshot(fused_logprobs: bool) -> RolloutFn:
+    """PSFT's old policy: the log-probs of a rollout's batches under the weights before its steps.
+
+    The first step's batches are skipped, as `objective_step` reuses its own pass there, so the extra
+    forward costs (K-1)/K of one instead of a whole one.
+    """
+
+    @torch.no_grad()
+    def snapshot(model: torch.nn.Module, rollout: list[list[dict[str, Any]]]) -> None:
+        for group in rollout[1:]:
+            for batch in group:
+                batch["old_logps"] = target_logprobs(model, batch, fused_logprobs)[0]
+
+    return snapshot
 
 
 def run(
@@ -110,20 +150,9 @@ def run(
         accelerator.device,
     )
 
-    def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
-        logps, mask = target_logprobs(model, batch, settings.fused_logprobs)
-        out = objective(logps, mask, ref_logps=batch.get("ref_logps"), old_logps=batch.get("old_logps"))
-        return StepOutput(out.loss * mask.sum(), {"mean_token_weight": out.weights.sum().detach()})
-
     def drift_from_base(trained: torch.nn.Module) -> dict[str, float]:
         measured = entropy_and_kl_of_batch(trained, base, diagnostics_batch)
         return {"kl_to_base": measured["kl"], "entropy": measured["entropy"]}
-
-    @torch.no_grad()
-    def snapshot_old_policy(model: torch.nn.Module, rollout: list[list[dict[str, Any]]]) -> None:
-        for group in rollout:
-            for batch in group:
-                batch["old_logps"] = target_logprobs(model, batch, settings.fused_logprobs)[0]
 
     with stage_run(
         "sft", parent_run_id, {"sft": settings.model_dump(mode="json"), "base_model": base_model_path}
@@ -138,13 +167,13 @@ def run(
             model,
             dataset,
             collate,
-            step,
+            objective_step(objective, settings.fused_logprobs),
             settings,
             accelerator,
             on_log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
             diagnostics=drift_from_base,
             diagnostics_every=settings.diagnostics_every,
-            before_rollout=snapshot_old_policy if objective.needs_old else None,
+            before_rollout=old_policy_snapshot(settings.fused_logprobs) if objective.needs_old else None,
             rollout_steps=rollout_steps,
             description=f"sft ({settings.objective})",
             checkpoint_dir=checkpoint_dir,

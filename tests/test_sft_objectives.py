@@ -9,8 +9,8 @@ from mlflow import MlflowClient
 
 from losses import SFT_OBJECTIVES, sft_objective
 from post_train.config import TrainConfig, load_config
-from post_train.modeling import pad_collate, target_logprobs
-from post_train.training import StepOutput, make_accelerator, train
+from post_train.modeling import pad_collate
+from post_train.training import make_accelerator, train
 from tasks import sft
 from tests.conftest import smoke_overrides
 from tests.test_training import tiny_model, uneven_dataset
@@ -19,27 +19,15 @@ from tests.test_training import tiny_model, uneven_dataset
 def train_with(objective_name: str, rollout_steps: int, steps: int = 4) -> dict[str, torch.Tensor]:
     objective = sft_objective(objective_name)
     model = tiny_model()
-
-    def step(model, batch):
-        logps, mask = target_logprobs(model, batch)
-        out = objective(logps, mask, old_logps=batch.get("old_logps"))
-        return StepOutput(out.loss * mask.sum())
-
-    @torch.no_grad()
-    def snapshot(model, rollout):
-        for group in rollout:
-            for batch in group:
-                batch["old_logps"] = target_logprobs(model, batch)[0]
-
     config = TrainConfig(learning_rate=5e-2, batch_size=4, micro_batch_size=2, max_steps=steps, warmup_ratio=0.0)
     train(
         model,
         uneven_dataset(),
         pad_collate(0),
-        step,
+        sft.objective_step(objective, fused_logprobs=False),
         config,
         make_accelerator("no"),
-        before_rollout=snapshot if objective.needs_old else None,
+        before_rollout=sft.old_policy_snapshot(fused_logprobs=False) if objective.needs_old else None,
         rollout_steps=rollout_steps,
     )
     return {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -49,6 +37,15 @@ def test_psft_with_one_step_per_old_policy_is_exactly_nll():
     nll, psft = train_with("nll", 1), train_with("psft", 1)
     for name in nll:
         torch.testing.assert_close(psft[name], nll[name], rtol=0, atol=1e-7)
+
+
+def test_psft_old_policy_pass_skips_the_step_that_reuses_its_own_log_probs():
+    snapshot = sft.old_policy_snapshot(fused_logprobs=False)
+    model = tiny_model()
+    batches = [pad_collate(0)(uneven_dataset()[i : i + 2]) for i in (0, 2, 4)]
+    snapshot(model, [[batches[0]], [batches[1], batches[2]]])
+    assert "old_logps" not in batches[0]
+    assert all("old_logps" in batch for batch in batches[1:])
 
 
 def test_psft_with_a_stale_old_policy_departs_from_nll():
