@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.measure import cpu_model, git_commit
+from post_train.provenance import cpu_model, git_commit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAINING_STAGES = ("pretrain", "sft", "dpo")
@@ -101,7 +101,7 @@ def measure(recipe: str, scale: str, work: Path, dvc_root: Path) -> dict[str, An
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg()[0],
-        "post_train_commit": git_commit(REPO_ROOT),
+        "post_train_commit": git_commit(REPO_ROOT, short=True, mark_dirty=True),
         "wall_seconds": wall,
         "stage_run_seconds": in_runs,
         "compute_seconds": compute,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import platform
 import resource
-import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from post_train.provenance import cpu_model, git_commit
 
 
 @dataclass
@@ -107,23 +108,6 @@ def resident_bytes() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def git_commit(repository: Path) -> str:
-    """HEAD, with `+dirty` when the working tree has changes: the numbers belong to that code."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=repository, capture_output=True, text=True).stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
 def machine(device: str, threads: int, repository: Path) -> dict[str, object]:
     """Where and with what the numbers were taken."""
     import accelerate
@@ -142,7 +126,7 @@ def machine(device: str, threads: int, repository: Path) -> dict[str, object]:
         "transformers": transformers.__version__,
         "trl": trl.__version__,
         "accelerate": accelerate.__version__,
-        "post_train_commit": git_commit(repository),
+        "post_train_commit": git_commit(repository, short=True, mark_dirty=True),
         "load_average": os.getloadavg()[0],
     }
     if device == "cuda":

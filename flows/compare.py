@@ -22,6 +22,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -30,9 +31,13 @@ from post_train import comparison
 from post_train.comparison import Cell
 from post_train.config import PipelineConfig
 from post_train.results import PreparedData
+from post_train.run_summary import mlflow_run_url
 from post_train.stages import RunContext
 from post_train.tracking import experiment_id, flatten, log_params_and_metrics, tracking_uri
 from post_train.validate import validated_config
+
+RESULTS_ARTIFACT = "compare-results"
+"""Key of the flow run's markdown artifact with the results table (Prefect keeps every run's, the latest first)."""
 
 
 @task(name="compare-cell", task_run_name="cell {cell.slug}")
@@ -76,7 +81,10 @@ def compare_cell(
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
-    row = comparison.result_row(cell, evaluation.metrics, sft.metrics, dpo.metrics, run_id)
+    row = comparison.result_row(
+        cell, evaluation.metrics, sft.metrics, dpo.metrics, run_id, samples_path=evaluation.samples_path
+    )
+    row["model_path"] = dpo.path
     log_params_and_metrics(
         client,
         run_id,
@@ -196,6 +204,14 @@ def compare(
         client.set_terminated(parent_id, status="FAILED")
         raise
     client.set_terminated(parent_id, status="FINISHED")
+    run_url = mlflow_run_url(tracking_uri(), experiment_id(), parent_id)
+    create_markdown_artifact(
+        f"## compare: {len(rows)} cells\n\n{markdown}\n"
+        + (f"\n### Mean over seeds\n\n{aggregated_markdown}\n" if aggregated_markdown else "")
+        + f"\nMLflow run: [compare-{run_name}]({run_url}); files in `{out}`\n",
+        key=RESULTS_ARTIFACT,
+        description=f"Post-DPO win rates of SFT objectives x learning rates x seeds, `{base.recipe}` at `{base.scale}`",
+    )
 
     logger.info(
         "compare: %d cells, results in %s\n%s%s",

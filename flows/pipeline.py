@@ -13,20 +13,65 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
+from mlflow.entities import Run
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from flows import stages
+from post_train.config import PipelineConfig
 from post_train.data import data_counts
+from post_train.results import Champion, Evaluation, HeadToHead, Registration
+from post_train.run_summary import head_to_head_rows, mlflow_run_url, model_version_url, win_rate_rows
 from post_train.stages import RunContext
 from post_train.tracking import experiment_id, flatten, log_params_and_metrics, regression_tags, tracking_uri
 from post_train.validate import validated_config
+
+WIN_RATES_ARTIFACT = "post-train-win-rates"
+MLFLOW_RUN_ARTIFACT = "post-train-mlflow-run"
+MODEL_VERSION_ARTIFACT = "post-train-model-version"
+"""Artifact keys: Prefect keeps every flow run's artifact under its key, the latest first."""
 
 
 def _run_directory(runs_dir: str, recipe: str, run_name: str) -> Path:
     directory = Path(runs_dir).resolve() / f"{time.strftime('%Y%m%d-%H%M%S')}-{recipe}-{run_name}"
     directory.mkdir(parents=True, exist_ok=False)
     return directory
+
+
+def publish_artifacts(
+    config: PipelineConfig,
+    parent: Run,
+    evaluation: Evaluation,
+    champion: Champion | None,
+    comparison: HeadToHead | None,
+    registration: Registration,
+) -> None:
+    """The flow run's Prefect artifacts: a table of the win rates per split (against the reference, and head to
+    head against the champion when there was one), and links to the parent MLflow run and the registered version."""
+    rows = win_rate_rows(evaluation.metrics)
+    if champion is not None and comparison is not None:
+        rows += head_to_head_rows(comparison.metrics, champion.version)
+    create_table_artifact(
+        rows,
+        key=WIN_RATES_ARTIFACT,
+        description=f"Win rates (%) of `{config.recipe}` at scale `{config.scale}`, judge `{config.evaluation.judge}`"
+        ": raw, s.e., 95% bootstrap CI, discrete and length-controlled, per split",
+    )
+    uri = tracking_uri()
+    create_link_artifact(
+        mlflow_run_url(uri, parent.info.experiment_id, parent.info.run_id),
+        link_text=f"MLflow run {parent.info.run_name}",
+        key=MLFLOW_RUN_ARTIFACT,
+        description="The flow's MLflow run, with a child run per stage",
+    )
+    standing = f"@{config.registry.champion_alias}" if registration.is_champion else "not promoted"
+    create_link_artifact(
+        model_version_url(uri, registration.name, registration.version),
+        link_text=f"{registration.name} version {registration.version} ({standing})",
+        key=MODEL_VERSION_ARTIFACT,
+        description=f"The registered model version. {registration.reason}".strip(),
+    )
 
 
 @flow(name="post-train", log_prints=True)
@@ -95,6 +140,7 @@ def post_train(
         raise
     log_params_and_metrics(client, parent_id, metrics=evaluation.metrics)
     client.set_terminated(parent_id, status="FINISHED")
+    publish_artifacts(config, parent, evaluation, champion, comparison, registration)
 
     summary = {
         "recipe": config.recipe,

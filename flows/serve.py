@@ -28,6 +28,7 @@ from prefect.types.entrypoint import EntrypointType
 from flows.compare import compare_deployment
 from flows.pipeline import post_train
 from flows.retrain import retrain
+from flows.study import study_deployment
 from post_train.config import available_recipes
 
 RETRAIN_DEPLOYMENT = "scheduled"
@@ -70,6 +71,7 @@ def build_deployments(retrain_cron: str | None = DEFAULT_RETRAIN_CRON, timezone:
         )
     )
     deployments.append(compare_deployment())
+    deployments.append(study_deployment())
     return deployments
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Callable
 
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.logging.handlers import APILogHandler
 
 from post_train.config import PipelineConfig
 from post_train.results import TrainedModel
@@ -35,11 +37,36 @@ def should_retry(task, task_run, state) -> bool:
     return False
 
 
+STAGE_OUTPUT_LOGGER = "prefect.task_runs.stage_output"
+"""The logger of the lines a stage's command prints, as the Prefect UI names it."""
+
+
+def _api_only_logger() -> logging.Logger:
+    """`STAGE_OUTPUT_LOGGER`, sending to the Prefect API only: the executor has already echoed each line to the
+    terminal, where Prefect's console handler would print it a second time."""
+    logger = logging.getLogger(STAGE_OUTPUT_LOGGER)
+    if not any(isinstance(handler, APILogHandler) for handler in logger.handlers):
+        logger.addHandler(APILogHandler())
+    logger.propagate = False
+    return logger
+
+
+def stage_output(run_logger: logging.LoggerAdapter) -> Callable[[str], None]:
+    """Log one line of a stage's output to the task run of `run_logger` (`get_run_logger()` in the task)."""
+    logger = logging.LoggerAdapter(_api_only_logger(), run_logger.extra)
+    return lambda line: logger.info("%s", line)
+
+
 def stage_task(stage: Stage, name: str | None = None):
-    """`stage` as a Prefect task called as `task(config, context, **arguments)`."""
+    """`stage` as a Prefect task called as `task(config, context, **arguments)`.
+
+    What `run_stage` says about the stage (command, exit status, metrics, MLflow run link, cache hit) goes to the
+    task run's logger; the lines the stage's command prints go to the task run's logs in the Prefect API.
+    """
 
     def call(config: PipelineConfig, context: RunContext, **arguments: Any) -> Any:
-        return run_stage(stage, config, context, **arguments)
+        logger = get_run_logger()
+        return run_stage(stage, config, context, logger=logger, output=stage_output(logger), **arguments)
 
     return task(
         call,
@@ -69,4 +96,5 @@ def base_model(config: PipelineConfig, context: RunContext, **arguments: Any) ->
     """The user's model as given (`model.name_or_path`), or the demo base model (pretrained once per key)."""
     if config.model.name_or_path is not None:
         return TrainedModel(path=config.model.name_or_path, metrics={})
-    return run_stage(PRETRAIN, config, context, **arguments)
+    logger = get_run_logger()
+    return run_stage(PRETRAIN, config, context, logger=logger, output=stage_output(logger), **arguments)

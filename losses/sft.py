@@ -123,6 +123,10 @@ class SFTSpec:
     defaults: Mapping[str, float] = field(default_factory=dict)
     needs_ref: bool = False
     needs_old: bool = False
+    value_is_nll: bool = False
+    """The value is a token NLL, whose jumps mean divergence. The others' values (a probability-weighted NLL, a
+    clipped ratio, an f-divergence term that is near 0 at the reference and large where the policy falls below it)
+    move by large factors in healthy training, so a trainer should not read a jump in them as divergence."""
 
 
 _FDIV_DEFAULTS = {"beta": 1.0, "max_weight": 10.0}
@@ -133,7 +137,7 @@ def _fdiv_spec(generator: Generator) -> SFTSpec:
 
 
 SFT_OBJECTIVES: dict[str, SFTSpec] = {
-    "nll": SFTSpec(nll),
+    "nll": SFTSpec(nll, value_is_nll=True),
     "dft": SFTSpec(dft),
     "psft": SFTSpec(psft, {"eps_low": 0.2, "eps_high": 0.28}, needs_old=True),
     "fdiv:tv": _fdiv_spec(total_variation),
@@ -161,6 +165,7 @@ class SFTObjective:
     needs_ref: bool
     needs_old: bool
     fn: Callable[..., TokenValuesAndWeights] = field(repr=False)
+    value_is_nll: bool = False
 
     def __call__(
         self,
@@ -221,4 +226,5 @@ def sft_objective(name: str, **hparams: float) -> SFTObjective:
         needs_ref=spec.needs_ref,
         needs_old=spec.needs_old,
         fn=spec.fn,
+        value_is_nll=spec.value_is_nll,
     )

@@ -148,6 +148,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override a config value for every cell (repeatable)",
     )
+    study_parser = commands.add_parser(
+        "study", help="run a study (studies/<name>.yaml) and write its report", parents=[debug]
+    )
+    study_parser.add_argument("name", nargs="?", default="papers", help="a study in studies/ or a .yaml path")
+    study_parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED", help="replace its seeds")
+    study_parser.add_argument("--parallelism", type=int, default=None, help="cells at once (replaces the file's)")
+    study_parser.add_argument(
+        "--report-dir", default="docs/results", help="where results.md and its plots are copied (default: %(default)s)"
+    )
+    study_parser.add_argument("--force", action="store_true", help="rerun stages even when cached")
+    study_parser.add_argument(
+        "-o", "--override", action="append", default=[], metavar="KEY=VALUE", help="override a value for every arm"
+    )
     args = parser.parse_args(argv)
     try:
         return _command(args)
@@ -204,6 +217,8 @@ def _command(args: argparse.Namespace) -> int:
         print(f"MLflow run: {result['mlflow_run_uri']}   (mlflow ui --backend-store-uri {tracking_uri()} --port 5000)")
         return 0
 
+    if args.command == "study":
+        return _study(args)
     if args.command == "recipes":
         print("recipes:", ", ".join(available_recipes()))
         print("scales: ", ", ".join(available_scales()))
@@ -222,6 +237,42 @@ def _command(args: argparse.Namespace) -> int:
         print(f"post-train: {error}", file=sys.stderr)
         return 1
     print(format_summary(summary))
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from post_train.study import load_study, plan_study
+
+    overrides = flatten(parse_overrides(args.override))
+    spec = load_study(args.name)
+    if args.seeds or args.parallelism:
+        spec = spec.model_copy(
+            update={k: v for k, v in {"seeds": args.seeds, "parallelism": args.parallelism}.items() if v}
+        )
+    plan = plan_study(spec, overrides)  # every arm's configuration, before Prefect starts
+    baseline = spec.arms[spec.baseline]  # the arms share the data, so one check of it covers them all
+    inputs = [f"{key}={value}" for key, value in {**baseline.overrides, **overrides}.items()]
+    if not _validated(argparse.Namespace(recipe=baseline.recipe, scale=spec.scale, override=inputs, debug=args.debug)):
+        return 2
+    from flows.study import run_study
+
+    try:
+        with run_api():
+            result = run_study(
+                name=args.name,
+                seeds=args.seeds,
+                parallelism=args.parallelism,
+                overrides=overrides,
+                report_dir=args.report_dir,
+                force=args.force,
+            )
+    except ServerError as error:
+        print(f"post-train: {error}", file=sys.stderr)
+        return 1
+    print(f"study {args.name}: {len(plan.cells)} cells; report {result['report']} (copied to {args.report_dir})")
+    for claim in result["claims"]:
+        print(f"  {claim['verdict']:>13}: {claim['paper']}: {claim['statement']}")
+    print(f"MLflow run: runs:/{result['mlflow_run_id']}")
     return 0
 
 

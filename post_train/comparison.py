@@ -34,6 +34,16 @@ from post_train.results import ALL
 Z95 = 1.959964  # two-sided 95% normal quantile
 DEFAULT_OBJECTIVES = ("nll", "dft", "fdiv:pearson_chi2")
 LOWLR_FACTOR = 4  # arXiv 2507.00018's "lowlr": the baseline SFT learning rate divided by 4
+DIAGNOSTIC_PREFIXES = (
+    "native_kl_to_base/",
+    "native_accuracy/",
+    "retention/",
+    "sft_gold_reward/",
+    "dpo_gain/",
+    "entropy/",
+    "kl_to_base/",
+)
+"""Evaluate-stage metrics a row carries unchanged: what a study reads besides win rates and gold rewards."""
 GRID_KEYS = ("sft.objective", "sft.objective_params", "sft.learning_rate", "sft.seed", "dpo.seed")
 """Config keys the grid sets per cell, on top of the recipe, the scale and the user's overrides."""
 
@@ -57,15 +67,23 @@ class Cell:
     objective: str
     learning_rate: float
     seed: int
+    arm: str = ""
+    """A study's name for the cell's configuration (`post_train.study`); empty in a grid, where objective and
+    learning rate name it."""
+
+    @property
+    def label(self) -> str:
+        return self.arm or f"{self.objective} lr={self.learning_rate:g}"
 
     @property
     def name(self) -> str:
-        return f"{self.objective} lr={self.learning_rate:g} seed={self.seed}"
+        return f"{self.label} seed={self.seed}"
 
     @property
     def slug(self) -> str:
         """A file-system-safe name, e.g. `fdiv-pearson_chi2-lr0.002-seed0`."""
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{self.objective}-lr{self.learning_rate:g}-seed{self.seed}")
+        stem = self.arm or f"{self.objective}-lr{self.learning_rate:g}"
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{stem}-seed{self.seed}")
 
 
 @dataclass(frozen=True)
@@ -200,9 +218,17 @@ def result_row(
     sft: dict[str, float],
     dpo: dict[str, float],
     run_id: str | None = None,
+    samples_path: str = "",
 ) -> dict[str, Any]:
-    """One table row from a cell's evaluate, SFT and DPO metrics (as the stages return them)."""
-    row: dict[str, Any] = {"objective": cell.objective, "sft_learning_rate": cell.learning_rate, "seed": cell.seed}
+    """One table row from a cell's evaluate, SFT and DPO metrics (as the stages return them); the evaluate
+    stage's diagnostics (`DIAGNOSTIC_PREFIXES`) are copied as they are, and `samples_path` locates its
+    per-prompt table for paired statistics."""
+    row: dict[str, Any] = {
+        "arm": cell.label,
+        "objective": cell.objective,
+        "sft_learning_rate": cell.learning_rate,
+        "seed": cell.seed,
+    }
     for split in splits_in(evaluation):
         rate = float(evaluation[f"win_rate/{split}"])
         se = float(evaluation.get(f"win_rate_se/{split}", NAN))
@@ -212,11 +238,14 @@ def result_row(
         row[f"win_rate_ci95_low/{split}"] = low
         row[f"win_rate_ci95_high/{split}"] = high
         row[f"gold_reward/{split}"] = float(evaluation.get(f"gold_reward/{split}", NAN))
+    row.update({key: float(value) for key, value in evaluation.items() if key.startswith(DIAGNOSTIC_PREFIXES)})
     row["sft_kl_to_base"] = float(sft.get("kl_to_base_final", NAN))
     row["sft_entropy"] = float(sft.get("entropy_final", NAN))
     row["dpo_reward_accuracy"] = float(dpo.get("rewards/accuracies_final", NAN))
     if run_id is not None:
         row["mlflow_run_id"] = run_id
+    if samples_path:
+        row["samples_path"] = samples_path
     return row
 
 

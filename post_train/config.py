@@ -414,6 +414,12 @@ class ComputeConfig(StrictModel):
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in the backward pass (less memory)."
     )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="local: CPU threads of each stage process (OMP_NUM_THREADS); None: torch's default, every core. "
+        "The count changes floating-point sums, so it is recorded with every stage run.",
+    )
     # skypilot
     accelerators: Accelerators = Field(
         default="H100:8", description="skypilot: GPUs per node, SkyPilot's `NAME:COUNT`."

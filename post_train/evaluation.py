@@ -17,7 +17,7 @@ import math
 import string
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from tqdm.auto import tqdm
 from post_train.config import ConfigError
 from post_train.data import EvalExample, Prompt, completion_example, prompt_ids, response_completion
 from post_train.results import ALL
+
+if TYPE_CHECKING:
+    from post_train.world.families import Task
 
 # --------------------------------------------------------------------------------------------- generation
 
@@ -40,23 +43,23 @@ class GenerationSettings:
 
 
 @torch.no_grad()
-def generate_responses(
+def generate_token_ids(
     model,
     tokenizer,
-    prompts: list[Prompt],
+    rows: Sequence[Sequence[int]],
     settings: GenerationSettings,
-) -> list[str]:
-    """Responses to prompts (conversations through the chat template, text as it is), left-padded batches, KV cache
-    on; same seed, same text."""
+) -> list[list[int]]:
+    """The new token ids after each prompt row: left-padded batches, KV cache on, seeded per batch (same seed, same
+    tokens). A row that stops early keeps its EOS, followed by padding up to the batch's longest."""
     from post_train.modeling import pad_token_rows
 
     model.eval()
     device = next(model.parameters()).device
-    responses: list[str] = []
-    for start in tqdm(range(0, len(prompts), settings.batch_size), desc="generate"):
-        chunk = prompts[start : start + settings.batch_size]
-        encoded = [prompt_ids(tokenizer, prompt) for prompt in chunk]
-        input_ids, attention_mask = pad_token_rows(encoded, tokenizer.pad_token_id, left=True)
+    generated: list[list[int]] = []
+    for start in tqdm(range(0, len(rows), settings.batch_size), desc="generate"):
+        input_ids, attention_mask = pad_token_rows(
+            rows[start : start + settings.batch_size], tokenizer.pad_token_id, left=True
+        )
         width = input_ids.shape[1]
         torch.manual_seed(settings.seed + start)
         sampling = (
@@ -73,9 +76,21 @@ def generate_responses(
             use_cache=True,
             **sampling,
         )
-        for row in output[:, width:]:
-            responses.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return responses
+        generated.extend(output[:, width:].tolist())
+    return generated
+
+
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: list[Prompt],
+    settings: GenerationSettings,
+) -> list[str]:
+    """Responses to prompts (conversations through the chat template, text as it is), `generate_token_ids` decoded
+    without special tokens and stripped."""
+    rows = [prompt_ids(tokenizer, prompt) for prompt in prompts]
+    generated = generate_token_ids(model, tokenizer, rows, settings)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
 
 
 def import_vllm():
@@ -325,6 +340,14 @@ def splits_in(keys: Iterable[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------- diagnostics
 
 
+def spread(examples: Sequence[EvalExample], count: int) -> list[EvalExample]:
+    """At most `count` examples, evenly spaced, so every split is represented (eval files list split by split)."""
+    if len(examples) <= count:
+        return list(examples)
+    step = len(examples) / count
+    return [examples[int(i * step)] for i in range(count)]
+
+
 def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's ρ: Pearson correlation of average ranks (ties share their mean rank); NaN if one side is constant."""
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -510,6 +533,22 @@ def implicit_reward_diagnostics(
 
 
 @torch.no_grad()
+def token_weighted_entropy_and_kl(model, reference, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """`entropy_and_kl_of_batch` pooled over `batches`, each batch weighted by its counted tokens
+    (Σ_b n_b · m_b / Σ_b n_b, n_b = the batch's `loss_mask` targets): the per-token mean over all of them."""
+    from post_train.modeling import entropy_and_kl_of_batch
+
+    totals: dict[str, float] = defaultdict(float)
+    tokens = 0
+    for batch in batches:
+        count = int(batch["loss_mask"][:, 1:].sum())
+        for key, value in entropy_and_kl_of_batch(model, reference, batch).items():
+            totals[key] += value * count
+        tokens += count
+    return {key: value / max(tokens, 1) for key, value in totals.items()}
+
+
+@torch.no_grad()
 def entropy_and_kl_of_responses(
     model,
     reference,
@@ -519,16 +558,107 @@ def entropy_and_kl_of_responses(
     max_length: int = 256,
     batch_size: int = 32,
 ) -> dict[str, float]:
-    """`entropy_and_kl_of_batch` over prompt + response batches (`completion_batch`), weighted by the
-    batches' response tokens: `entropy` of `model` and `kl`, exact KL(model ‖ reference), when a reference is given."""
-    from post_train.modeling import entropy_and_kl_of_batch
-
+    """`token_weighted_entropy_and_kl` over prompt + response batches (`completion_batch`), on the response tokens:
+    `entropy` of `model` and `kl`, exact KL(model ‖ reference), when a reference is given."""
     device = next(model.parameters()).device
-    totals: dict[str, float] = defaultdict(float)
-    tokens = 0
-    for batch in completion_batches(tokenizer, prompts, responses, max_length, batch_size, device):
-        count = int(batch["loss_mask"][:, 1:].sum())
-        for key, value in entropy_and_kl_of_batch(model, reference, batch).items():
-            totals[key] += value * count
-        tokens += count
-    return {key: value / max(tokens, 1) for key, value in totals.items()}
+    batches = completion_batches(tokenizer, prompts, responses, max_length, batch_size, device)
+    return token_weighted_entropy_and_kl(model, reference, batches)
+
+
+# --------------------------------------------------------------------------------------------- native format
+# The demo base model is pretrained mostly on terse documents, BOS "<verb> <symbols> = <answer>" EOS
+# (tasks/pretrain.py `document_ids`): that is where it is competent, so drift from it is measured there.
+
+
+def native_prompt(task: Task) -> str:
+    """The terse prompt of a task, its pretraining document up to and with "=": "reverse c a f b ="."""
+    prompt, separator, answer = task.pretrain_text.rpartition(" = ")
+    if not separator or answer != task.answer:
+        raise ValueError(f"{task.pretrain_text!r} is not of the form '<verb> <symbols> = <answer>'")
+    return f"{prompt} ="
+
+
+def _bos_and_tokens(tokenizer, text: str) -> list[int]:
+    """BOS (none for a tokenizer without one) + the tokens of `text`, as pretraining starts a document."""
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return bos + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def native_prompt_ids(tokenizer, task: Task) -> list[int]:
+    """BOS + the tokens of `native_prompt`: what the base model continues with the answer."""
+    return _bos_and_tokens(tokenizer, native_prompt(task))
+
+
+def native_batch(tokenizer, tasks: Sequence[Task]) -> dict[str, Any]:
+    """Terse documents, BOS + tokens of `task.pretrain_text` + EOS, right-padded (`pad_collate`), `loss_mask` on the
+    answer tokens only (those after "=", EOS excluded): what the KL and entropy are measured on."""
+    from post_train.modeling import pad_collate
+
+    rows = []
+    for task in tasks:
+        prompt = native_prompt_ids(tokenizer, task)
+        document = _bos_and_tokens(tokenizer, task.pretrain_text)
+        if document[: len(prompt)] != prompt:  # Metaspace splits at every space, so this holds for world tokenizers
+            raise ValueError(
+                f"the tokens of {native_prompt(task)!r} are not a prefix of those of {task.pretrain_text!r}"
+            )
+        answer = len(document) - len(prompt)
+        rows.append(
+            {
+                "input_ids": document + [tokenizer.eos_token_id],
+                "loss_mask": [False] * len(prompt) + [True] * answer + [False],
+            }
+        )
+    return pad_collate(tokenizer.pad_token_id)(rows)
+
+
+@torch.no_grad()
+def native_kl(
+    model, base, tokenizer, instructions: Sequence[str], splits: Sequence[str], batch_size: int
+) -> dict[str, float]:
+    """Exact token KL(model ‖ base) on the answer tokens of the instructions' terse documents (`native_batch`), per
+    split and `all`: Σ_t Σ_v π(v | x_<t) log(π(v | x_<t) / π_base(v | x_<t)) / |A| over the split's answer
+    positions A (`token_weighted_entropy_and_kl`)."""
+    from post_train.modeling import to_device
+    from post_train.world.families import parse_task
+
+    tasks = [parse_task(instruction) for instruction in instructions]
+    device = next(model.parameters()).device
+    found = {}
+    for split, indices in split_groups(splits).items():
+        chosen = [tasks[i] for i in indices]
+        batches = (
+            to_device(native_batch(tokenizer, chosen[start : start + batch_size]), device)
+            for start in range(0, len(chosen), batch_size)
+        )
+        found[split] = token_weighted_entropy_and_kl(model, base, batches)["kl"]
+    return found
+
+
+def native_continuation(tokenizer, token_ids: Sequence[int]) -> str:
+    """The text of generated tokens up to the first EOS, stripped; other special tokens stay in the text, so an
+    answer with a stray role token is not an exact match."""
+    ids = list(token_ids)
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids, skip_special_tokens=False).strip()
+
+
+def native_accuracy(
+    model,
+    tokenizer,
+    instructions: Sequence[str],
+    splits: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+) -> dict[str, float]:
+    """Exact-match accuracy in the terse format, per split and `all`: the fraction of tasks whose greedy continuation
+    of BOS + "<verb> <symbols> =" (`native_continuation`, left-padded batches of `generate_token_ids`) is
+    `task.answer`."""
+    from post_train.world.families import parse_task
+
+    tasks = [parse_task(instruction) for instruction in instructions]
+    greedy = GenerationSettings(max_new_tokens, temperature=0.0, top_p=1.0, batch_size=batch_size, seed=0)
+    generated = generate_token_ids(model, tokenizer, [native_prompt_ids(tokenizer, task) for task in tasks], greedy)
+    correct = [float(native_continuation(tokenizer, ids) == task.answer) for ids, task in zip(generated, tasks)]
+    return split_means(splits, correct)

@@ -59,6 +59,9 @@ class Evaluation:
     """`win_rate/<split>`, `win_rate_se/<split>`, `lc_win_rate/<split>`, ... (split `all` overall), and diagnostics."""
     run_id: str
     cache_hit: bool = False
+    samples_path: str = ""
+    """The per-prompt table (`eval_samples.json`: split, outputs, preference, gold reward, ...), in the stage's
+    cached output directory."""
 
     @property
     def win_rate(self) -> float:
@@ -78,6 +81,9 @@ class HeadToHead:
     metrics: dict[str, float]
     run_id: str
     cache_hit: bool = False
+    samples_path: str = ""
+    """The per-prompt table (`eval_samples.json`: split, outputs, preference, gold reward, ...), in the stage's
+    cached output directory."""
 
     @property
     def win_rate(self) -> float:

@@ -3,7 +3,15 @@
 `flows/serve.py` serves the deployments; `local_server` only makes sure there is a server to
 serve them to. A server it starts runs `prefect server start` in its own process group, keeps
 its SQLite database under `PREFECT_HOME` (default `~/.prefect/prefect.db`, the same database
-in-process runs use), and is stopped when the `local_server()` block exits, Ctrl-C included.
+in-process runs use), serves a UI that calls the API on the server's own port (`ui_api_url`), and is
+stopped when the `local_server()` block exits, Ctrl-C included.
+
+Why `prefect server start` in a process group of our own rather than the rest of Prefect's server management
+(Prefect 3.8): `prefect server start --background` / `prefect server stop` keep one server per `PREFECT_HOME`
+(a pid file), lose its output (pipes whose reading end closes when the command returns) and stop it with
+one SIGTERM to one pid; `SubprocessASGIServer` (the temporary server) serves no UI, listens on
+127.0.0.1 only and is stopped with a 5 s grace. Neither sets the UI's API URL from the port: with `--port N`
+the UI still calls `PREFECT_SERVER_API_PORT` (4200) unless `PREFECT_UI_API_URL` says otherwise.
 
 `run_api` is what `post-train run` and `post-train compare` use: the configured API, a server
 already answering at the default address, or Prefect's temporary server given more time than
@@ -19,7 +27,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterator, Mapping
 from urllib.parse import urlsplit
 
 import httpx
@@ -56,6 +64,35 @@ def server_command(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
 
 
+def ui_api_url(host: str, port: int) -> str:
+    """The API URL the UI of a server on `host:port` calls from the browser: that server's own `/api`.
+
+    A server listening on every address (0.0.0.0, ::) is called at 127.0.0.1, the browser on this machine.
+    """
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/api"
+
+
+def server_environment(
+    host: str, port: int, prefect_home: Path | str | None = None, environ: Mapping[str, str] = os.environ
+) -> dict[str, str]:
+    """The environment of `prefect server start` on `host:port`: `environ` without usage reporting, without a
+    client's `PREFECT_API_URL`, with `PREFECT_SERVER_UI_API_URL` (Prefect 3's name of `PREFECT_UI_API_URL`,
+    `settings.server.ui.api_url`) set to `ui_api_url(host, port)`.
+
+    Prefect defaults the UI's API URL to `PREFECT_API_URL`, else to `PREFECT_SERVER_API_HOST:PREFECT_SERVER_API_PORT`,
+    never to `--port`: a server started with `--port N` would serve a UI that calls port 4200. An inherited
+    `PREFECT_UI_API_URL` (an export made for another server) is dropped for the same reason.
+    """
+    env = {**environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    env.pop("PREFECT_API_URL", None)  # the server itself is no client of another one
+    env.pop("PREFECT_UI_API_URL", None)
+    env["PREFECT_SERVER_UI_API_URL"] = ui_api_url(host, port)
+    if prefect_home is not None:
+        env["PREFECT_HOME"] = str(prefect_home)
+    return env
+
+
 def start_server(
     host: str = "127.0.0.1",
     port: int = 4200,
@@ -64,16 +101,12 @@ def start_server(
 ) -> subprocess.Popen:
     """`prefect server start` as a child process in its own process group (stop it with `stop_server`).
 
-    `prefect_home` (default: the current `PREFECT_HOME`) holds its SQLite database. Output goes
-    to `log` (default: this process's stdout/stderr).
+    `prefect_home` (default: the current `PREFECT_HOME`) holds its SQLite database; its UI calls the API on
+    `port` (`server_environment`). Output goes to `log` (default: this process's stdout/stderr).
     """
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    env.pop("PREFECT_API_URL", None)  # the server itself is no client of another one
-    if prefect_home is not None:
-        env["PREFECT_HOME"] = str(prefect_home)
     return subprocess.Popen(
         server_command(host, port),
-        env=env,
+        env=server_environment(host, port, prefect_home),
         stdout=log,
         stderr=subprocess.STDOUT if log is not None else None,
         stdin=subprocess.DEVNULL,

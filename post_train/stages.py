@@ -10,13 +10,20 @@ process; the others run as commands through the executor their placement names, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
+import logging
 import shutil
+import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from post_train.config import PipelineConfig
 from post_train.executors import executor_class
@@ -24,11 +31,14 @@ from post_train.fingerprint import content_key, module_fingerprint
 from post_train.judges import judge_fingerprint
 from post_train.reference import model_fingerprint
 from post_train.results import TrainedModel
+from post_train.run_summary import metrics_line, mlflow_run_url
 from post_train.stage_cache import cached
 from post_train.stage_io import read_result, write_inputs
-from post_train.tracking import end_orphaned_runs, record_cache_hit, regression_tags
+from post_train.tracking import end_orphaned_runs, record_cache_hit, regression_tags, tracking_uri
 
 KeyParts = Callable[[PipelineConfig, Mapping[str, Any]], dict[str, Any]]
+Logger = logging.Logger | logging.LoggerAdapter
+LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -136,14 +146,42 @@ def _context_arguments(function: Callable[..., Any], context: RunContext, output
     return arguments
 
 
-def run_stage(stage: Stage, config: PipelineConfig, context: RunContext, **arguments: Any) -> Any:
+def _run_link(run_id: str) -> str:
+    """`MLflow run <its UI page>`; only the id for a run this store does not hold (a cache shared by several
+    stores), "no MLflow run" for none."""
+    if not run_id:
+        return "no MLflow run"
+    try:
+        experiment = MlflowClient(tracking_uri()).get_run(run_id).info.experiment_id
+    except MlflowException:
+        return f"MLflow run {run_id} (not in this tracking store)"
+    return f"MLflow run {mlflow_run_url(tracking_uri(), experiment, run_id)}"
+
+
+def run_stage(
+    stage: Stage,
+    config: PipelineConfig,
+    context: RunContext,
+    *,
+    logger: Logger | None = None,
+    output: Callable[[str], None] | None = None,
+    **arguments: Any,
+) -> Any:
     """Run `stage` on `arguments`: in this process, or from the cache when its key is known, else as a command.
 
     A command stage's key hashes `stage.key`'s parts and the source of the stage's module and every
     project module it imports; a cache hit gets a child MLflow run tagged `cache_hit` with the cached
     metrics. A stage whose `run` takes `checkpoint_dir` gets `cache_dir/checkpoints/<stage>/<key>`:
     the same place for every attempt at the same key, removed once the stage succeeds.
+
+    `logger` (default: this module's) gets what happens to a command stage: the command started, its exit status,
+    its metrics and MLflow run, or the cache hit. `output` gets each line the command prints (default, with a
+    `logger`: its `info`) from an executor whose `run` takes `on_line` (local, skypilot), which still echoes
+    everything to the terminal; another executor, or no `output`, leaves the command writing to the terminal.
     """
+    log = logger or LOGGER
+    if output is None and logger is not None:
+        output = functools.partial(logger.info, "%s")  # a line may hold `%`: never a format
     function = stage.function
     work_dir = Path(context.run_dir) / stage.name
     if stage.key is None:
@@ -164,7 +202,21 @@ def run_stage(stage: Stage, config: PipelineConfig, context: RunContext, **argum
         inputs, outputs = work_dir / "inputs.json", work_dir / "outputs.json"
         write_inputs(inputs, stage_arguments)
         outputs.unlink(missing_ok=True)
-        returncode, description = executor.run(stage.name, stage.module, inputs, outputs, stage.distributed)
+        log.info(
+            "%s: no cached result for key %s: running %s (backend %s)",
+            stage.name,
+            key,
+            stage.module,
+            placed.compute.backend,
+        )
+        started = time.monotonic()
+        streams = output is not None and "on_line" in inspect.signature(executor.run).parameters
+        returncode, description = executor.run(
+            stage.name, stage.module, inputs, outputs, stage.distributed, **({"on_line": output} if streams else {})
+        )
+        log.info(
+            "%s: %s exited with status %d after %.0f s", stage.name, description, returncode, time.monotonic() - started
+        )
         if returncode != 0:  # a command that was killed could not end its MLflow run
             end_orphaned_runs(stage.name, context.parent_run_id)
         return read_result(outputs, function, returncode, description)
@@ -173,9 +225,22 @@ def run_stage(stage: Stage, config: PipelineConfig, context: RunContext, **argum
     result, hit = cached(stage.name, key, config.cache_dir, produce, result_type, context.force)
     if not hit and takes_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
+    metrics = getattr(result, "metrics", {})
     if hit:
         tags = regression_tags(result.regressions) if isinstance(result, TrainedModel) else {}
-        record_cache_hit(stage.name, context.parent_run_id, key, getattr(result, "metrics", {}), tags)
+        record_cache_hit(stage.name, context.parent_run_id, key, metrics, tags)
+        recorded = mlflow.last_active_run()  # the run `record_cache_hit` just ended, in this thread
+        log.info(
+            "%s: cache hit (key %s): made by %s; recorded under this flow run as %s",
+            stage.name,
+            key,
+            _run_link(getattr(result, "run_id", "")),
+            _run_link(recorded.info.run_id if recorded else ""),
+        )
+    else:
+        log.info("%s: finished, %s", stage.name, _run_link(getattr(result, "run_id", "")))
+    if metrics:
+        log.info("%s metrics: %s", stage.name, metrics_line(metrics))
     if "cache_hit" in {field.name for field in dataclasses.fields(result)}:
         result = dataclasses.replace(result, cache_hit=hit)
     return result

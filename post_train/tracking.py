@@ -30,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from post_train.locks import file_lock
+from post_train.provenance import library_versions
 
 EXPERIMENT = "post-train"
 
@@ -182,6 +183,15 @@ def end_orphaned_runs(stage: str, parent_run_id: str | None, status: str = "KILL
         client.set_terminated(orphan.info.run_id, status=status)
 
 
+def environment_tags() -> dict[str, str]:
+    """What changes a stage's numbers besides its inputs: torch's CPU thread count and the library versions."""
+    import torch
+
+    return {"torch_threads": str(torch.get_num_threads())} | {
+        f"version.{package}": version for package, version in library_versions().items()
+    }
+
+
 @contextmanager
 def stage_run(
     stage: str,
@@ -199,7 +209,7 @@ def stage_run(
         run_name=stage,
         parent_run_id=parent_run_id,
         nested=parent_run_id is not None,
-        tags={"stage": stage},
+        tags={"stage": stage, **environment_tags()},
     ) as run:
         if params:
             mlflow.log_params(flatten(params))

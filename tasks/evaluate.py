@@ -1,10 +1,15 @@
 """Stage 5, evaluate: generate for every evaluation prompt, judge against the reference responses, diagnose.
 
 The diagnostics (README "Diagnostics", docs/objectives.md) compare the evaluated model with the
-SFT model (`reference_model_path`) and the base (`base_model_path`) when they are given.
+SFT model (`reference_model_path`) and the base (`base_model_path`) when they are given. On the demo
+world they also measure each model in the base's own terse format ("reverse c a f b =", where the base
+is competent): exact-match accuracy, its retention relative to the base, and the token KL to the base on
+the answer tokens, and they generate with the SFT model too, for the gold reward DPO adds to it.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import mlflow
@@ -23,7 +28,11 @@ from post_train.evaluation import (
     implicit_reward_diagnostics,
     import_vllm,
     is_world_prompt,
+    native_accuracy,
+    native_kl,
     split_means,
+    splits_in,
+    spread,
 )
 from post_train.judges import make_judge
 from post_train.judges.base import Judge
@@ -35,7 +44,10 @@ from post_train.tracking import stage_run
 
 
 def plot_diagnostics(metrics: dict[str, float], title: str) -> None:
-    """KL to the base model, entropy and implicit-reward accuracy of each final model (bars)."""
+    """KL to the base model, entropy and implicit-reward accuracy of each final model, and (demo world) its
+    native-format retention and KL to the base per split (bars)."""
+    splits = splits_in(metrics)
+    native = [(model, split) for model in ("sft", "dpo") for split in splits]
     panels = [
         ("KL to base (nats/token)", {"sft": "kl_to_base/sft", "dpo": "kl_to_base/dpo"}),
         ("entropy (nats/token)", {"base": "entropy/base", "sft": "entropy/sft", "dpo": "entropy/dpo"}),
@@ -46,6 +58,8 @@ def plot_diagnostics(metrics: dict[str, float], title: str) -> None:
                 "sft vs base": f"implicit_reward_accuracy/sft_vs_base/{ALL}",
             },
         ),
+        ("native retention (accuracy / base's)", {f"{m}\n{s}": f"retention/{m}/{s}" for m, s in native}),
+        ("native KL to base (nats/answer token)", {f"{m}\n{s}": f"native_kl_to_base/{m}/{s}" for m, s in native}),
     ]
     panels = [(label, {k: metrics[v] for k, v in keys.items() if v in metrics}) for label, keys in panels]
     panels = [(label, values) for label, values in panels if values]
@@ -55,21 +69,16 @@ def plot_diagnostics(metrics: dict[str, float], title: str) -> None:
     for axis, (label, values) in zip(axes[0], panels):
         axis.bar(list(values), list(values.values()), color="tab:green")
         axis.set_title(label, fontsize=10)
-        if "accuracy" in label:
+        axis.tick_params(axis="x", labelsize=7)
+        if "accuracy" in label and "retention" not in label:
             axis.set_ylim(0, 1)
             axis.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+        if "retention" in label:  # 1: the model answers as often as its base
+            axis.axhline(1.0, color="gray", linestyle="--", linewidth=1)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     mlflow.log_figure(figure, "diagnostics.png")
     plt.close(figure)
-
-
-def spread(examples: list[EvalExample], count: int) -> list[EvalExample]:
-    """At most `count` examples, evenly spaced, so every split is represented."""
-    if len(examples) <= count:
-        return list(examples)
-    step = len(examples) / count
-    return [examples[int(i * step)] for i in range(count)]
 
 
 def fits(tokenizer, example: EvalExample, max_length: int) -> bool:
@@ -88,18 +97,17 @@ def diagnostics(
     model,
     tokenizer,
     examples: list[EvalExample],
-    reference_model_path: str | None,
-    base_model_path: str | None,
+    sft,
+    base,
 ) -> dict[str, float]:
-    """KL/entropy of each final model; implicit-reward accuracy and the Q-value rank check (demo world)."""
+    """KL/entropy of each final model; implicit-reward accuracy and the Q-value rank check (demo world).
+    `sft` and `base` are the loaded SFT and base models, or None where not given."""
     length = config.evaluation.diagnostics_max_length
     chosen = [e for e in spread(examples, config.evaluation.diagnostics_max_examples) if fits(tokenizer, e, length)]
     if not chosen:
         return {}
     size = config.evaluation.diagnostics_batch_size
     prompts, responses = [e.prompt for e in chosen], [e.reference for e in chosen]
-    sft = load_frozen(reference_model_path) if reference_model_path else None
-    base = load_frozen(base_model_path) if base_model_path else None
     metrics: dict[str, float] = {}
 
     def measured(policy, reference) -> dict[str, float]:
@@ -127,6 +135,62 @@ def diagnostics(
                 metrics[f"implicit_reward_{kind}/{name}/{split}"] = value
         metrics[f"q_value_spearman/{name}"] = found["q_spearman"]
         metrics["implicit_reward_pairs"] = found["num_pairs"]
+    return metrics
+
+
+def native_diagnostics(
+    config: PipelineConfig, model, tokenizer, examples: list[EvalExample], sft, base
+) -> dict[str, float]:
+    """The demo world's models in the base's terse format, on the diagnostics' prompts (`spread`), per split and `all`:
+
+    - `native_accuracy/{base,sft,dpo}/<split>`: greedy exact match (`post_train.evaluation.native_accuracy`);
+    - `retention/{sft,dpo}/<split>` = native accuracy / the base's (NaN where the base's is 0);
+    - `native_kl_to_base/{sft,dpo}/<split>`: exact token KL(model ‖ base) on the answer tokens (`native_kl`).
+
+    `sft` and `base` are the loaded models, or None where not given (their metrics are then left out).
+    """
+    settings = config.evaluation
+    chosen = spread(examples, settings.diagnostics_max_examples)
+    instructions, splits = [e.instruction for e in chosen], [e.split for e in chosen]
+    models = {name: policy for name, policy in (("base", base), ("sft", sft), ("dpo", model)) if policy is not None}
+    metrics: dict[str, float] = {}
+    accuracy = {}
+    for name, policy in models.items():
+        accuracy[name] = native_accuracy(
+            policy, tokenizer, instructions, splits, settings.max_new_tokens, settings.batch_size
+        )
+        metrics.update({f"native_accuracy/{name}/{split}": value for split, value in accuracy[name].items()})
+    if base is None:
+        return metrics
+    for name in ("sft", "dpo"):
+        if name not in models:
+            continue
+        for split, value in accuracy[name].items():
+            reference = accuracy["base"][split]
+            metrics[f"retention/{name}/{split}"] = value / reference if reference > 0 else float("nan")
+        found = native_kl(models[name], base, tokenizer, instructions, splits, settings.diagnostics_batch_size)
+        metrics.update({f"native_kl_to_base/{name}/{split}": value for split, value in found.items()})
+    return metrics
+
+
+def sft_gold_rewards(
+    config: PipelineConfig, sft_path: str, tokenizer, examples: list[EvalExample], sft, rows: list[dict]
+) -> dict[str, float]:
+    """The SFT model's gold reward on the same prompts with the same generation settings (`generate_for`; `sft` is
+    the loaded model for the transformers backend): `sft_gold_reward/<split>` and `dpo_gain/gold_reward/<split>` =
+    gold_reward/<split> − sft_gold_reward/<split>. Each of `rows` gets its `sft_gold_reward`, for paired statistics
+    of the gain."""
+    from post_train.world.reward import gold_reward
+
+    outputs = generate_for(config, sft_path, tokenizer, examples, sft)
+    for example, output, row in zip(examples, outputs, rows):
+        row["sft_gold_reward"] = gold_reward(example.instruction, output)
+    splits = [e.split for e in examples]
+    model_means = split_means(splits, [row["gold_reward"] for row in rows])
+    metrics: dict[str, float] = {}
+    for split, mean in split_means(splits, [row["sft_gold_reward"] for row in rows]).items():
+        metrics[f"sft_gold_reward/{split}"] = mean
+        metrics[f"dpo_gain/gold_reward/{split}"] = model_means[split] - mean
     return metrics
 
 
@@ -176,15 +240,27 @@ def run(
                     for split, mean in split_means(splits, [row[key] for row in rows]).items():
                         metrics[f"{key}/{split}"] = mean
             metrics.update(judge.extra_metrics(examples, verdicts))
-            if settings.diagnostics and (reference_model_path or base_model_path):
+            if settings.diagnostics and (world or reference_model_path or base_model_path):
+                transformers = settings.backend == "transformers"
+                sft = load_frozen(reference_model_path) if reference_model_path and transformers else None
+                if world and reference_model_path:  # vLLM generates before the models below take the GPU
+                    metrics.update(sft_gold_rewards(config, reference_model_path, tokenizer, examples, sft, rows))
                 if model is None:
                     model = load_frozen(model_path)
-                metrics.update(diagnostics(config, model, tokenizer, examples, reference_model_path, base_model_path))
+                if sft is None and reference_model_path:
+                    sft = load_frozen(reference_model_path)
+                base = load_frozen(base_model_path) if base_model_path else None
+                if reference_model_path or base_model_path:
+                    metrics.update(diagnostics(config, model, tokenizer, examples, sft, base))
+                if world:
+                    metrics.update(native_diagnostics(config, model, tokenizer, examples, sft, base))
             mlflow.log_metrics(metrics)
             log_samples(rows, "eval_samples.json", output_dir)
             plot_win_rates(metrics, f"{config.recipe}: final model vs reference ({settings.judge} judge)")
             plot_diagnostics(metrics, f"{config.recipe}: diagnostics on the evaluation prompts")
-            return Evaluation(metrics=metrics, run_id=run.info.run_id)
+            return Evaluation(
+                metrics=metrics, run_id=run.info.run_id, samples_path=str(Path(output_dir) / "eval_samples.json")
+            )
     finally:
         judge.close()
 

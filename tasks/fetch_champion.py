@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.models import Model
 
 from post_train.config import PipelineConfig
 from post_train.results import Champion
 from post_train.tracking import current_champion, tracking_uri
 
 
+def checkpoint_directory(model_dir: str) -> str:
+    """A transformers checkpoint directory (weights, config and tokenizer together) from a downloaded model version.
+
+    A version that is an MLflow model of the `transformers` flavor keeps the weights in its `model_binary` folder
+    and each component (the tokenizer) in `components/<name>` (MLflow's layout, `mlflow.transformers.save_model`):
+    the components' files are copied beside the weights. A version registered before versions were MLflow models
+    (no `MLmodel` file) is the checkpoint directory itself.
+    """
+    root = Path(model_dir)
+    if not (root / "MLmodel").is_file():
+        return model_dir
+    flavor = Model.load(str(root)).flavors["transformers"]
+    checkpoint = root / flavor["model_binary"]
+    for component in flavor.get("components", []):
+        shutil.copytree(root / "components" / component, checkpoint, dirs_exist_ok=True)
+    return str(checkpoint)
+
+
 def run(config: PipelineConfig, output_dir: str) -> Champion | None:
-    """The champion of `registry.model_name` in `output_dir`/champion-v<version>, or None when there is none yet."""
+    """The champion of `registry.model_name` downloaded to `output_dir`/champion-v<version> (`path`: its checkpoint
+    directory, `checkpoint_directory`), or None when there is none yet."""
     name = config.registry.model_name
     champion = current_champion(MlflowClient(tracking_uri()), name, config.registry.champion_alias)
     if champion is None:
@@ -26,4 +47,4 @@ def run(config: PipelineConfig, output_dir: str) -> Champion | None:
         tracking_uri=tracking_uri(),
         registry_uri=tracking_uri(),
     )
-    return Champion(version=str(champion.version), path=path)
+    return Champion(version=str(champion.version), path=checkpoint_directory(path))

@@ -20,6 +20,18 @@ from post_train.world.generate import iter_world_texts
 from post_train.world.model import tiny_llama_config, train_tokenizer
 
 
+def document_ids(tokenizer, document: dict) -> list[int]:
+    """A pretraining document's token ids: a `text` between BOS and EOS, or a `messages` conversation rendered
+    with the chat template (role tokens included, which is how the base model learns the chat format)."""
+    if "messages" in document:
+        return list(tokenizer.apply_chat_template(document["messages"], tokenize=True)["input_ids"])
+    return [
+        tokenizer.bos_token_id,
+        *tokenizer(document["text"], add_special_tokens=False)["input_ids"],
+        tokenizer.eos_token_id,
+    ]
+
+
 def _pretrain(
     config: PipelineConfig, corpus: Path, directory: Path, checkpoint_dir: str | None = None
 ) -> dict[str, float]:
@@ -34,15 +46,10 @@ def _pretrain(
     )
     torch.manual_seed(settings.train.seed)
     model = LlamaForCausalLM(model_config)
-    documents = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
     limit = settings.train.max_length
     dataset = []
-    for document in documents:
-        ids = [
-            tokenizer.bos_token_id,
-            *tokenizer(document, add_special_tokens=False)["input_ids"],
-            tokenizer.eos_token_id,
-        ]
+    for line in corpus.read_text().splitlines():
+        ids = document_ids(tokenizer, json.loads(line))
         dataset.append({"input_ids": ids[:limit], "loss_mask": [True] * min(len(ids), limit)})
     nll = sft_objective("nll")
 

@@ -15,30 +15,85 @@ A model that a training stage made worse than it started (`TrainedModel.regressi
 `regressed`, a line in the card) and not promoted unless `registry.promote_regressed`. The decision is
 taken and applied under `registry_lock`, against the champion as it is then: a run whose head-to-head
 met a champion that has since been replaced (or that found none, where there now is one) is not promoted.
+
+The version is an MLflow model of the `transformers` flavor (`log_model`): `mlflow.pyfunc.load_model`,
+`mlflow.transformers.load_model` and `mlflow models serve` take `models:/<name>@champion`, and it answers
+OpenAI-style chat requests (MLflow's `llm/v1/chat` task, the tokenizer's chat template) with the evaluation's
+decoding settings.
 """
 
 from __future__ import annotations
 
-import subprocess
+import importlib.metadata
+from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.models.model import ModelInfo
+from packaging.version import Version
 
-from post_train.config import PipelineConfig, RegistryConfig
+from post_train.config import EvaluationSettings, PipelineConfig, RegistryConfig
 from post_train.data import describe_counts
 from post_train.evaluation import splits_in
-from post_train.fingerprint import REPO_ROOT
+from post_train.modeling import load_tokenizer
+from post_train.provenance import git_commit
 from post_train.results import ALL, HEAD_TO_HEAD, Champion, HeadToHead, Registration
 from post_train.tracking import current_champion, registry_lock, regression_tags, stage_run, tracking_uri
 
 WIN_RATE_TAG = "win_rate"
+EXAMPLE_PROMPT = "Reverse: c a f b"  # a demo-world instruction: the input example shows the request's shape
+SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "jinja2")  # jinja2 renders the chat template
 
 
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
+def pinned_requirements(packages: tuple[str, ...] = SERVING_PACKAGES) -> list[str]:
+    """`package==<installed version>` for each package the logged model needs to load and answer (MLflow adds its own
+    pin), without local version labels (`torch 2.13.0+cpu` → `torch==2.13.0`) so that pip can install them from PyPI."""
+    return [f"{package}=={Version(importlib.metadata.version(package)).public}" for package in packages]
+
+
+def decoding(evaluation: EvaluationSettings) -> dict[str, Any]:
+    """The evaluation's decoding settings as `generate` arguments, the served model's defaults (a request's
+    `max_tokens`, `temperature`, `top_p` override them): greedy when `temperature` is 0."""
+    if evaluation.temperature == 0:
+        return {"max_new_tokens": evaluation.max_new_tokens, "do_sample": False}
+    return {
+        "max_new_tokens": evaluation.max_new_tokens,
+        "do_sample": True,
+        "temperature": evaluation.temperature,
+        "top_p": evaluation.top_p,
+    }
+
+
+def log_transformers_model(model_path: str, evaluation: EvaluationSettings) -> ModelInfo:
+    """Log the checkpoint at `model_path` to the active run as an MLflow model (`transformers` flavor, name `model`).
+
+    With a chat template the model takes MLflow's `llm/v1/chat` task (OpenAI chat signature: `messages` in, `choices`
+    out); without one (a model trained on text-format data) `llm/v1/completions` (`prompt` in). The weights are
+    loaded once, in the checkpoint's dtype: MLflow's way of logging a checkpoint directory without loading it
+    (`transformers_model=<path>`) fails with transformers 5 (`pipelines.check_task` names the pipeline class by a
+    string), and its check of the input example (`validate_serving_input`) would load the saved copy again, so it is
+    off; the pip requirements are given, so MLflow does not load the model to infer them either.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = str(Path(model_path).resolve())  # the model's name_or_path: never taken for a Hub repository id
+    tokenizer = load_tokenizer(path)
+    chat = tokenizer.chat_template is not None
+    example = {"messages": [{"role": "user", "content": EXAMPLE_PROMPT}]} if chat else {"prompt": EXAMPLE_PROMPT}
+    return Model.log(
+        artifact_path=None,
+        name="model",
+        flavor=mlflow.transformers,
+        transformers_model={"model": AutoModelForCausalLM.from_pretrained(path, dtype="auto"), "tokenizer": tokenizer},
+        task="llm/v1/chat" if chat else "llm/v1/completions",
+        input_example=example,
+        model_config=decoding(evaluation),
+        pip_requirements=pinned_requirements(),
+        validate_serving_input=False,
+    )
 
 
 def promotion_decision(comparison: HeadToHead | None, ci_lower_bound: float) -> tuple[bool, str]:
@@ -168,7 +223,7 @@ def run(
     regressions = list(regressions or [])
     commit = git_commit()
     with stage_run("register", parent_run_id) as run:
-        mlflow.log_artifacts(model_path, artifact_path="model")
+        logged = log_transformers_model(model_path, config.evaluation)
         with registry_lock(client, name):  # from reading the champion to moving the aliases
             try:
                 client.get_registered_model(name)
@@ -221,8 +276,9 @@ def run(
             )
             version = client.create_model_version(
                 name,
-                source=f"{run.info.artifact_uri}/model",
+                source=logged.model_uri,
                 run_id=run.info.run_id,
+                model_id=logged.model_id,
                 tags=tags,
                 description=card,
             )

@@ -4,7 +4,9 @@ The objective is looked up by name in `losses`; this stage only supplies what it
 reference log-probs from the frozen base model (`needs_ref`, on the rows the run will draw only,
 computed once and cached on disk) and an old-policy snapshot every `rollout_steps` optimizer steps
 (`needs_old`, PSFT). Every few steps it measures the exact token KL to the base model and the
-entropy on held-out responses, the drift arXiv 2507.00018 says plain SFT leaves unchecked.
+entropy on held-out responses, the drift arXiv 2507.00018 says plain SFT leaves unchecked; on the demo
+world also the KL on the answer tokens of terse documents ("reverse c a f b = b f a c"), the base's own
+format, where it is competent (`native_kl_to_base`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from post_train.data import (
     response_completion,
     sft_rows,
 )
+from post_train.evaluation import is_world_prompt, native_batch, spread
 from post_train.modeling import (
     batch_collate,
     entropy_and_kl_of_batch,
@@ -52,7 +55,7 @@ from post_train.training import (
     train,
 )
 
-SFT_CURVES = ["loss", "mean_token_weight", "kl_to_base", "entropy", "learning_rate", "grad_norm"]
+SFT_CURVES = ["loss", "mean_token_weight", "kl_to_base", "native_kl_to_base", "entropy", "learning_rate", "grad_norm"]
 
 
 def held_out_batch(tokenizer, examples: list[EvalExample], size: int, max_length: int, device) -> dict[str, Any]:
@@ -71,6 +74,17 @@ def held_out_batch(tokenizer, examples: list[EvalExample], size: int, max_length
     if not rows:
         raise DataError(f"every evaluation prompt among the first {size} fills max_length {max_length}")
     return to_device(pad_collate(tokenizer.pad_token_id)(rows), device)
+
+
+def native_held_out_batch(tokenizer, examples: list[EvalExample], size: int, device) -> dict[str, Any] | None:
+    """Terse documents of `size` evaluation tasks spread over the splits (`native_batch`, the KL counted on their
+    answer tokens); None unless every evaluation prompt is of the demo world."""
+    from post_train.world.families import parse_task
+
+    if not all(is_world_prompt(example.instruction) for example in examples):
+        return None
+    tasks = [parse_task(example.instruction) for example in spread(examples, size)]
+    return to_device(native_batch(tokenizer, tasks), device)
 
 
 def objective_step(objective: SFTObjective, fused_logprobs: bool) -> StepFn:
@@ -125,6 +139,8 @@ def run(
     collate = batch_collate(settings.padding_free, tokenizer.pad_token_id)
     accelerator = make_accelerator(config.mixed_precision)
     base = load_frozen(base_model_path, accelerator.device, frozen_dtype(accelerator))
+    if not objective.value_is_nll:  # only non-finite losses and gradients are refused (losses.SFTSpec.value_is_nll)
+        settings = settings.model_copy(update={"divergence_factor": None})
     rollout_steps = settings.rollout_steps if objective.needs_old else 1
     reference_cache_hit, used = None, None
     if objective.needs_ref:
@@ -142,17 +158,18 @@ def run(
         for index, ref_row in zip(used, ref_rows):
             dataset[index]["ref_logps"] = ref_row
     model = load_model(base_model_path)
+    eval_examples = load_dataset_checked(data.eval, "eval")
     diagnostics_batch = held_out_batch(
-        tokenizer,
-        load_dataset_checked(data.eval, "eval"),
-        settings.diagnostics_batch_size,
-        settings.max_length,
-        accelerator.device,
+        tokenizer, eval_examples, settings.diagnostics_batch_size, settings.max_length, accelerator.device
     )
+    native = native_held_out_batch(tokenizer, eval_examples, settings.diagnostics_batch_size, accelerator.device)
 
     def drift_from_base(trained: torch.nn.Module) -> dict[str, float]:
         measured = entropy_and_kl_of_batch(trained, base, diagnostics_batch)
-        return {"kl_to_base": measured["kl"], "entropy": measured["entropy"]}
+        drift = {"kl_to_base": measured["kl"], "entropy": measured["entropy"]}
+        if native is not None:
+            drift["native_kl_to_base"] = entropy_and_kl_of_batch(trained, base, native)["kl"]
+        return drift
 
     with stage_run(
         "sft", parent_run_id, {"sft": settings.model_dump(mode="json"), "base_model": base_model_path}
@@ -191,6 +208,8 @@ def run(
             "kl_to_base_final": final["kl_to_base"],
             "entropy_final": final["entropy"],
         }
+        if "native_kl_to_base" in final:
+            metrics["native_kl_to_base_final"] = final["native_kl_to_base"]
         if main:
             mlflow.log_metrics(metrics)
         result = TrainedModel(path=str(path), metrics={**metrics, **examples.report.metrics()}, run_id=run.info.run_id)

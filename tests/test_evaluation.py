@@ -191,9 +191,22 @@ def test_evaluate_reports_win_rates_diagnostics_and_artifacts(smoke_stages, tune
     assert metrics["implicit_reward_accuracy/dpo_vs_sft/all"] >= 0.8
     assert metrics["implicit_reward_accuracy/sft_vs_base/all"] == 0.0
     assert metrics["q_value_spearman/dpo_vs_sft"] > 0.1
+    for split in ("in_distribution", "held_out", "all"):  # the base plays SFT: no drift in its own format
+        for model in ("base", "sft", "dpo"):
+            assert 0.0 <= metrics[f"native_accuracy/{model}/{split}"] <= 1.0
+        assert metrics[f"native_accuracy/sft/{split}"] == metrics[f"native_accuracy/base/{split}"]
+        assert math.isnan(metrics[f"retention/sft/{split}"]) or metrics[f"retention/sft/{split}"] == 1.0
+        assert metrics[f"native_kl_to_base/sft/{split}"] == pytest.approx(0.0, abs=1e-6)
+        assert metrics[f"native_kl_to_base/dpo/{split}"] > 0
+        gain = metrics[f"gold_reward/{split}"] - metrics[f"sft_gold_reward/{split}"]
+        assert metrics[f"dpo_gain/gold_reward/{split}"] == pytest.approx(gain)
 
     samples = json.loads((tmp_path / "eval_samples.json").read_text())
-    assert {"prompt", "response", "reference", "preference", "verdict", "gold_reward"} <= set(samples)
+    assert {"prompt", "response", "reference", "preference", "verdict", "gold_reward", "sft_gold_reward"} <= set(
+        samples
+    )
+    sft_rewards = samples["sft_gold_reward"]
+    assert metrics["sft_gold_reward/all"] == pytest.approx(sum(sft_rewards) / len(sft_rewards))
     assert set(samples["verdict"]) <= {"response", "reference", "draw"}
     client = MlflowClient(mlflow_store)
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}

@@ -175,11 +175,20 @@ def test_registering_against_a_champion_needs_the_head_to_head(smoke_stages, mlf
 
 def test_a_registered_model_loads_back_into_transformers(smoke_stages, mlflow_store, tmp_path):
     import mlflow
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import TextGenerationPipeline
+
+    from post_train.modeling import load_tokenizer
 
     config, data, base = smoke_stages
     register.run(config, base.path, 0.5, data.data_hash)
-    local = mlflow.artifacts.download_artifacts("models:/post-train@champion", dst_path=str(tmp_path))
-    model = AutoModelForCausalLM.from_pretrained(local)
-    tokenizer = AutoTokenizer.from_pretrained(local)
+    pipeline = mlflow.transformers.load_model("models:/post-train@champion")
+    assert isinstance(pipeline, TextGenerationPipeline)
+    components = mlflow.transformers.load_model("models:/post-train@champion", return_type="components")
+    model, tokenizer = components["model"], components["tokenizer"]
     assert model.config.vocab_size == len(tokenizer)
+    assert tokenizer.chat_template == load_tokenizer(base.path).chat_template is not None
+    # The champion fetched for a head-to-head is one checkpoint directory again: weights, config, tokenizer.
+    champion = fetch_champion.run(config, str(tmp_path))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
+        file.name for file in Path(champion.path).iterdir()
+    }

@@ -41,10 +41,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
     "seed": 7,
     "families": sorted(FAMILIES),
-    "in_distribution_lengths": [3, 6],
-    "held_out_lengths": [7, 9],
+    "held_out_families": ["sort", "repeat_each"],
+    "lengths": [3, 6],
     "alphabet_size": 8,
     "n_pretrain_docs": 600,
+    "chat_pretrain_fraction": 0.15,
+    "chat_pretrain_error_rate": 0.6,
     "n_sft": 64,
     "n_preference_pairs": 32,
     "n_eval_per_split": 8,
@@ -64,11 +66,6 @@ def prompt_of(row: dict) -> str:
 
 def response_of(row: dict) -> str:
     return row["messages"][1]["content"]
-
-
-def pretrain_input_length(text: str) -> int:
-    """Symbols before "=" in "reverse c a f b = b f a c"."""
-    return len(text.split(" = ")[0].split()) - 1
 
 
 # --- gold reward -------------------------------------------------------------------
@@ -191,7 +188,7 @@ def test_same_params_give_byte_identical_files_and_another_seed_differs(tmp_path
 
 
 def test_rows_have_trl_formats(demo_world: dict[str, list[dict]]) -> None:
-    assert set(demo_world[PRETRAIN_FILE][0]) == {"text"}
+    assert {frozenset(row) for row in demo_world[PRETRAIN_FILE]} == {frozenset({"text"}), frozenset({"messages"})}
     assert [message["role"] for message in demo_world[SFT_FILE][0]["messages"]] == ["user", "assistant"]
     preference = demo_world[PREFERENCES_FILE][0]
     roles = [preference[key][0]["role"] for key in ("prompt", "chosen", "rejected")]
@@ -199,23 +196,33 @@ def test_rows_have_trl_formats(demo_world: dict[str, list[dict]]) -> None:
     assert set(demo_world[EVAL_FILE][0]) == {"prompt", "reference", "split"}
 
 
-def test_split_lengths_are_respected(demo_world: dict[str, list[dict]], demo_params: WorldParams) -> None:
-    in_range = range(demo_params.in_distribution_lengths[0], demo_params.in_distribution_lengths[1] + 1)
-    out_range = range(demo_params.held_out_lengths[0], demo_params.held_out_lengths[1] + 1)
+def test_held_out_families_appear_in_pretraining_only(
+    demo_world: dict[str, list[dict]], demo_params: WorldParams
+) -> None:
+    lengths = range(demo_params.lengths[0], demo_params.lengths[1] + 1)
+    trained, held_out = set(demo_params.trained_families), set(demo_params.held_out_families)
     for row in demo_world[SFT_FILE] + demo_world[PREFERENCES_FILE]:
-        assert len(parse_task(prompt_of(row)).symbols) in in_range
-    splits = {IN_DISTRIBUTION: in_range, HELD_OUT: out_range}
+        task = parse_task(prompt_of(row))
+        assert task.family.name in trained and len(task.symbols) in lengths
+    splits = {IN_DISTRIBUTION: trained, HELD_OUT: held_out}
     for row in demo_world[EVAL_FILE]:
-        assert len(parse_task(prompt_of(row)).symbols) in splits[row["split"]]
+        task = parse_task(prompt_of(row))
+        assert task.family.name in splits[row["split"]] and len(task.symbols) in lengths
     assert [row["split"] for row in demo_world[EVAL_FILE]].count(HELD_OUT) == demo_params.n_eval_per_split
-    # Pretraining covers every length of both ranges, so SFT can erode held-out skills.
-    task_docs = [row["text"] for row in demo_world[PRETRAIN_FILE] if " = " in row["text"]]
-    assert {pretrain_input_length(text) for text in task_docs} == set(in_range) | set(out_range)
+    # Pretraining covers every family, terse and in the chat format, so SFT can keep or erode held-out skills.
+    terse = {row["text"].split()[0] for row in demo_world[PRETRAIN_FILE] if " = " in row.get("text", "")}
+    assert terse == {FAMILIES[name].pretrain_verb for name in demo_params.families}
+    chats = [row for row in demo_world[PRETRAIN_FILE] if "messages" in row]
+    assert {parse_task(prompt_of(row)).family.name for row in chats} == set(demo_params.families)
+    share = len(chats) / len(demo_world[PRETRAIN_FILE])
+    assert abs(share - demo_params.chat_pretrain_fraction) < 0.02
 
 
 def test_pretraining_docs_are_correct(demo_world: dict[str, list[dict]]) -> None:
     by_verb = {family.pretrain_verb: family for family in FAMILIES.values()}
     for row in demo_world[PRETRAIN_FILE]:
+        if "messages" in row:
+            continue
         words = row["text"].split()
         if words[0] == "letters":
             continue
@@ -230,8 +237,10 @@ def test_eval_prompts_are_distinct_and_unseen_in_training(demo_world: dict[str, 
     train_prompts = {prompt_of(row) for row in demo_world[SFT_FILE] + demo_world[PREFERENCES_FILE]}
     assert train_prompts.isdisjoint(eval_prompts)
     eval_pretrain_texts = {parse_task(prompt).pretrain_text.split(" = ")[0] for prompt in eval_prompts}
-    pretrain_inputs = {row["text"].split(" = ")[0] for row in demo_world[PRETRAIN_FILE]}
+    pretrain_inputs = {row["text"].split(" = ")[0] for row in demo_world[PRETRAIN_FILE] if "text" in row}
     assert pretrain_inputs.isdisjoint(eval_pretrain_texts)
+    pretrain_chats = {prompt_of(row) for row in demo_world[PRETRAIN_FILE] if "messages" in row}
+    assert pretrain_chats.isdisjoint(eval_prompts)
 
 
 def test_preferences_are_ordered_by_gold_reward(demo_world: dict[str, list[dict]]) -> None:
@@ -253,11 +262,14 @@ def test_eval_reference_is_an_imperfect_demonstration(demo_world: dict[str, list
     [
         ({"families": ["reverse", "divide"]}, "valid families are"),
         ({"families": ["sort", "sort"]}, "must not repeat"),
-        ({"held_out_lengths": [6, 8]}, "overlap"),
-        ({"in_distribution_lengths": [5, 3]}, "min <= max"),
+        ({"held_out_families": ["divide"]}, "valid families are"),
+        ({"held_out_families": ["sort", "copy"], "families": ["sort", "copy"]}, "no task to train on"),
+        ({"held_out_families": ["sort"], "families": ["copy", "reverse"]}, "not among families"),
+        ({"lengths": [5, 3]}, "min <= max"),
+        ({"chat_pretrain_fraction": 1.0}, "less than 1"),
         ({"alphabet_size": 27}, "less than or equal to 26"),
         ({"demonstrator_error_rate": -0.1}, "greater than or equal to 0"),
-        ({"in_distribution_lengths": [1, 1], "alphabet_size": 2, "n_eval_per_split": 6}, "too large"),
+        ({"lengths": [1, 1], "alphabet_size": 2, "n_eval_per_split": 6}, "too large"),
         ({"unknown_knob": 1}, "Extra inputs are not permitted"),
     ],
 )

@@ -1,15 +1,131 @@
-"""`compute.backend: local`: the stage's command in a child process here, `accelerate launch` for several processes."""
+"""`compute.backend: local`: the stage's command in a child process here, `accelerate launch` for several processes.
+
+Given an `on_line` callback, the command's output is streamed (`run_command`): every chunk is echoed to this
+process's stdout/stderr as it arrives, progress bars included, and each completed line goes to `on_line` (a
+flow's logger), with a progress bar's redraws thinned to every `PROGRESS_EVERY`-th.
+"""
 
 from __future__ import annotations
 
+import codecs
+import os
+import queue
+import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Callable, Mapping
 
 from post_train.config import PipelineConfig
 
 MAIN_PROCESS_PORT = 29500
+PROGRESS_EVERY = 10
+"""A progress bar's redraws per line that reaches `on_line`: tqdm redraws up to 10 times a second (`mininterval`)."""
+PIPE_GRACE_S = 5.0
+"""How long the output of a command that has exited is still read: a process it left behind may hold its pipes."""
+_TERMINATORS = re.compile(r"(\r\n|\n|\r)")
+
+
+class OutputLines:
+    """The lines of a stream that arrives in chunks, as a log should see them.
+
+    tqdm draws a bar as `\\r<state>` over and over and ends it with `\\n`; a log wants the final state and an
+    occasional intermediate one, not every redraw. A text ended by `\\n` (or `\\r\\n`) is a line; one ended by
+    a lone `\\r` is a redraw, kept when it is the `progress_every`-th since the last line or kept redraw. Blank
+    lines and trailing spaces (tqdm pads a shorter redraw) are dropped.
+    """
+
+    def __init__(self, progress_every: int = PROGRESS_EVERY):
+        self.progress_every = progress_every
+        self.pending = ""
+        self.redraws = 0
+
+    def feed(self, text: str) -> list[str]:
+        """The lines and kept redraws that `text` completes."""
+        parts = _TERMINATORS.split(self.pending + text)
+        self.pending = parts.pop()
+        if parts and parts[-1] == "\r" and not self.pending:  # maybe the first half of a `\r\n`: wait for more
+            parts.pop()
+            self.pending = parts.pop() + "\r"
+        lines = []
+        for segment, terminator in zip(parts[::2], parts[1::2]):
+            segment = segment.rstrip()
+            if terminator != "\r":
+                self.redraws = 0
+                if segment:
+                    lines.append(segment)
+            elif segment:
+                self.redraws += 1
+                if self.redraws % self.progress_every == 0:
+                    lines.append(segment)
+        return lines
+
+    def close(self) -> list[str]:
+        """The unterminated rest, as a line."""
+        rest, self.pending = self.pending.rstrip(), ""
+        return [rest] if rest else []
+
+
+def _pump(pipe: IO[bytes], echo: IO[str], lines: queue.Queue, progress_every: int) -> None:
+    """Echo `pipe` to `echo` as it arrives and put its lines on `lines`, then None at its end."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    splitter = OutputLines(progress_every)
+    with pipe:
+        while chunk := pipe.read1(65536):
+            text = decoder.decode(chunk)
+            echo.write(text)
+            echo.flush()
+            for line in splitter.feed(text):
+                lines.put(line)
+    for line in splitter.feed(decoder.decode(b"", final=True)) + splitter.close():
+        lines.put(line)
+    lines.put(None)
+
+
+def run_command(
+    command: list[str],
+    env: Mapping[str, str] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    cwd: Path | str | None = None,
+    progress_every: int = PROGRESS_EVERY,
+) -> int:
+    """Run `command` and return its exit status; with `on_line`, stream its output (see `OutputLines`).
+
+    Without `on_line` the command writes to this process's terminal directly, as `subprocess.run` does. With it,
+    stdout and stderr are piped (Python children unbuffered, so lines arrive as they are printed), echoed to
+    `sys.stdout`/`sys.stderr`, and `on_line` is called from the calling thread only, since a logger may depend on
+    the caller's context (Prefect's run context is a context variable, which threads do not inherit). Interrupted
+    (Ctrl-C, a cancelled task), the command is killed, as `subprocess.run` does.
+    """
+    if on_line is None:
+        return subprocess.run(command, env=env, cwd=cwd).returncode
+    environment = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
+    lines: queue.Queue[str | None] = queue.Queue()
+    process = subprocess.Popen(command, env=environment, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for pipe, echo in ((process.stdout, sys.stdout), (process.stderr, sys.stderr)):
+            threading.Thread(target=_pump, args=(pipe, echo, lines, progress_every), daemon=True).start()
+        open_pipes, deadline = 2, None
+        while open_pipes:
+            try:
+                line = lines.get(timeout=0.2)
+            except queue.Empty:
+                if deadline is None and process.poll() is not None:
+                    deadline = time.monotonic() + PIPE_GRACE_S
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                continue
+            if line is None:
+                open_pipes -= 1
+            else:
+                on_line(line)
+        return process.wait()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
 
 
 def stage_command(
@@ -61,8 +177,21 @@ class LocalExecutor:
     def preflight(self, arguments: Mapping[str, Any]) -> None:
         """Nothing to check here: the machine running the flow runs the stage."""
 
-    def run(self, stage: str, module: str, inputs: Path, outputs: Path, distributed: bool) -> tuple[int, str]:
+    def run(
+        self,
+        stage: str,
+        module: str,
+        inputs: Path,
+        outputs: Path,
+        distributed: bool,
+        on_line: Callable[[str], None] | None = None,
+    ) -> tuple[int, str]:
+        """Run the stage's command here; with `on_line`, its output lines go there too (`run_command`)."""
         processes = self.compute.num_processes if distributed else 1
         accelerate_config = self.compute.accelerate_config_path() if distributed else None
         command = stage_command(module, inputs, outputs, processes, accelerate_config)
-        return subprocess.run(command).returncode, f"`{' '.join(command)}`"
+        environment = None
+        if self.compute.torch_threads is not None:
+            threads = str(self.compute.torch_threads)
+            environment = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        return run_command(command, environment, on_line), f"`{' '.join(command)}`"

@@ -8,7 +8,8 @@ machine is replaced and the stage rerun, resuming from its last checkpoint:
     sky jobs launch sky/stage.yaml --name post-train-<stage>-<id> --yes --detach-run \\
         --workdir <repository> --num-nodes N --gpus H100:8 --env STAGE_MODULE=tasks.sft ...
 
-then streams the job's log (`sky jobs logs --name ... --follow`) until it ends, reads its final
+then streams the job's log (`sky jobs logs --name ... --follow`) until it ends (to the terminal, and line
+by line to the flow's logger as the local backend does: `run_command`), reads its final
 status (`sky jobs queue --output json`) and returns; a failed, cancelled or unrecoverable job
 makes the stage fail, so Prefect retries it (a new job that resumes from the checkpoint). A
 refused job (FAILED_PRECHECKS: an infeasible resource request) is a `ConfigError`, not retried.
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from post_train.config import REPO_ROOT, ConfigError, PipelineConfig
-from post_train.executors.local import MAIN_PROCESS_PORT, stage_command
+from post_train.executors.local import MAIN_PROCESS_PORT, run_command, stage_command
 from post_train.stage_io import StageFailed
 
 TERMINAL = {
@@ -225,9 +226,11 @@ def run_managed_job(
     distributed: bool,
     run: Run = subprocess.run,
     sleep: Callable[[float], None] = time.sleep,
+    on_line: Callable[[str], None] | None = None,
 ) -> tuple[int, str]:
     """Launch the stage as a managed job, stream its log until it ends; (0 when SUCCEEDED else 1, description).
 
+    With `on_line`, the log is followed with `run_command` (echoed, and each line to `on_line`), else with `run`.
     Interrupted here (Ctrl-C, a cancelled flow run), the job is cancelled too, so no GPU is left running.
     """
     env = sky_environment()
@@ -238,7 +241,11 @@ def run_managed_job(
     failures = 0
     try:
         while True:
-            run(logs_command(config, name), env=env)  # returns when the job ends, or when the stream drops
+            # returns when the job ends, or when the stream drops
+            if on_line is None:
+                run(logs_command(config, name), env=env)
+            else:
+                run_command(logs_command(config, name), env, on_line)
             queue = run(queue_command(config), env=env, capture_output=True, text=True)
             record = job_record(queue.stdout, name) if queue.returncode == 0 else None
             status = (record or {}).get("status")
@@ -273,8 +280,16 @@ class SkyPilotExecutor:
     def preflight(self, arguments: Mapping[str, Any]) -> None:
         preflight(self.config, arguments)
 
-    def run(self, stage: str, module: str, inputs: Path, outputs: Path, distributed: bool) -> tuple[int, str]:
-        return run_managed_job(self.config, module, inputs, outputs, job_name(stage), distributed)
+    def run(
+        self,
+        stage: str,
+        module: str,
+        inputs: Path,
+        outputs: Path,
+        distributed: bool,
+        on_line: Callable[[str], None] | None = None,
+    ) -> tuple[int, str]:
+        return run_managed_job(self.config, module, inputs, outputs, job_name(stage), distributed, on_line=on_line)
 
 
 def node_command(environ: Mapping[str, str]) -> list[str]:

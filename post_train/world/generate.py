@@ -3,7 +3,9 @@
 Each file draws from its own `random.Random` seeded by (seed, file name), so changing
 how one file is sampled never shifts the others. Eval tasks are drawn first and every
 training file (pretraining included) avoids them, so eval measures generalisation
-rather than recall.
+rather than recall. SFT and DPO draw from the trained families only; the held-out families
+appear in pretraining alone (terse and chat forms), so the held_out split measures what SFT
+keeps of the base's skills rather than a length the base never saw.
 """
 
 from __future__ import annotations
@@ -101,9 +103,10 @@ def _lengths(bounds: tuple[int, int]) -> list[int]:
     return list(range(bounds[0], bounds[1] + 1))
 
 
-def _sample_task(rng: random.Random, params: WorldParams, lengths: Sequence[int], excluded: set[str]) -> Task:
+def _sample_task(rng: random.Random, params: WorldParams, families: Sequence[str], excluded: set[str]) -> Task:
+    lengths = _lengths(params.lengths)
     while True:
-        family = FAMILIES[rng.choice(params.families)]
+        family = FAMILIES[rng.choice(families)]
         letters = family.input_letters(params.alphabet_size)
         task = Task(family, tuple(rng.choice(letters) for _ in range(rng.choice(lengths))))
         if task.prompt not in excluded:
@@ -127,9 +130,9 @@ def _eval_rows(params: WorldParams) -> tuple[list[Row], set[str]]:
     demonstrator = _demonstrator(params, rng)
     rows: list[Row] = []
     prompts: set[str] = set()
-    for split, bounds in ((IN_DISTRIBUTION, params.in_distribution_lengths), (HELD_OUT, params.held_out_lengths)):
+    for split, families in ((IN_DISTRIBUTION, params.trained_families), (HELD_OUT, params.held_out_families)):
         for _ in range(params.n_eval_per_split):
-            task = _sample_task(rng, params, _lengths(bounds), excluded=prompts)
+            task = _sample_task(rng, params, families, excluded=prompts)
             prompts.add(task.prompt)
             reference = " ".join(demonstrator.respond(task))
             rows.append({"prompt": _user(task.prompt), "reference": reference, "split": split})
@@ -137,17 +140,22 @@ def _eval_rows(params: WorldParams) -> tuple[list[Row], set[str]]:
 
 
 def _pretrain_rows(params: WorldParams, excluded: set[str]) -> list[Row]:
+    """Terse task documents ("reverse c a f b = b f a c"), runs of letters and, for a share
+    `chat_pretrain_fraction`, conversations in the chat format from a noisier demonstrator
+    (`chat_pretrain_error_rate`; `messages` rows, which the pretraining stage renders with the world's chat
+    template)."""
     rng = _file_rng(params, PRETRAIN_FILE)
-    # Both ranges, so the model starts out able to handle held-out lengths and SFT on
-    # short inputs can measurably erode that.
-    lengths = _lengths(params.in_distribution_lengths) + _lengths(params.held_out_lengths)
-    rows = []
+    chat_source = Demonstrator(params.chat_pretrain_error_rate, LETTERS[: params.alphabet_size], rng)
+    rows: list[Row] = []
     for _ in range(params.n_pretrain_docs):
-        if rng.random() < FILLER_DOC_FRACTION:
-            text = _letter_run(rng, params.alphabet_size, rng.choice(lengths))
+        draw = rng.random()
+        if draw < params.chat_pretrain_fraction:
+            task = _sample_task(rng, params, params.families, excluded)
+            rows.append({"messages": _user(task.prompt) + _assistant(" ".join(chat_source.respond(task)))})
+        elif draw < params.chat_pretrain_fraction + FILLER_DOC_FRACTION:
+            rows.append({"text": _letter_run(rng, params.alphabet_size, rng.choice(_lengths(params.lengths)))})
         else:
-            text = _sample_task(rng, params, lengths, excluded).pretrain_text
-        rows.append({"text": text})
+            rows.append({"text": _sample_task(rng, params, params.families, excluded).pretrain_text})
     return rows
 
 
@@ -160,10 +168,9 @@ def _letter_run(rng: random.Random, alphabet_size: int, length: int) -> str:
 def _sft_rows(params: WorldParams, excluded: set[str]) -> list[Row]:
     rng = _file_rng(params, SFT_FILE)
     demonstrator = _demonstrator(params, rng)
-    lengths = _lengths(params.in_distribution_lengths)
     rows = []
     for _ in range(params.n_sft):
-        task = _sample_task(rng, params, lengths, excluded)
+        task = _sample_task(rng, params, params.trained_families, excluded)
         response = " ".join(demonstrator.respond(task))
         rows.append({"messages": _user(task.prompt) + _assistant(response)})
     return rows
@@ -177,10 +184,9 @@ def _preference_rows(params: WorldParams, excluded: set[str]) -> list[Row]:
     """
     rng = _file_rng(params, PREFERENCES_FILE)
     demonstrator = _demonstrator(params, rng)
-    lengths = _lengths(params.in_distribution_lengths)
     rows: list[Row] = []
     while len(rows) < params.n_preference_pairs:
-        task = _sample_task(rng, params, lengths, excluded)
+        task = _sample_task(rng, params, params.trained_families, excluded)
         first = " ".join(demonstrator.respond(task))
         second = " ".join(demonstrator.corrupt(demonstrator.respond(task)))
         first_reward, second_reward = gold_reward(task.prompt, first), gold_reward(task.prompt, second)

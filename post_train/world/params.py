@@ -24,17 +24,32 @@ class WorldParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     seed: int
-    families: list[str] = Field(min_length=1)
-    in_distribution_lengths: LengthRange = Field(description="[min, max] input symbols of training and eval tasks.")
-    held_out_lengths: LengthRange = Field(description="[min, max] input symbols of out-of-distribution eval tasks.")
+    families: list[str] = Field(min_length=2, description="Every family of the world; pretraining covers them all.")
+    held_out_families: list[str] = Field(
+        min_length=1,
+        description="Families that SFT and DPO never see: the held_out evaluation split, at the same input lengths.",
+    )
+    lengths: LengthRange = Field(description="[min, max] input symbols of every task.")
     alphabet_size: int = Field(ge=2, le=len(LETTERS), description="Symbols are the first alphabet_size letters.")
     n_pretrain_docs: Count
+    chat_pretrain_fraction: float = Field(
+        ge=0,
+        lt=1,
+        description="Share of pretraining documents that are demonstrator conversations in the chat format "
+        "(every family), so the base model knows the format before SFT.",
+    )
+    chat_pretrain_error_rate: float = Field(
+        ge=0,
+        le=1,
+        description="How often the pretraining conversations' answers hold a mistake: a noisier source than the "
+        "SFT demonstrator, so SFT still has something to teach.",
+    )
     n_sft: Count
     n_preference_pairs: Count
     n_eval_per_split: Count
     demonstrator_error_rate: float = Field(ge=0, le=1)
 
-    @field_validator("families")
+    @field_validator("families", "held_out_families")
     @classmethod
     def _known_and_unique(cls, families: list[str]) -> list[str]:
         unknown = [name for name in families if name not in FAMILIES]
@@ -44,7 +59,7 @@ class WorldParams(BaseModel):
             raise ValueError(f"families must not repeat: {families}")
         return families
 
-    @field_validator("in_distribution_lengths", "held_out_lengths")
+    @field_validator("lengths")
     @classmethod
     def _ordered(cls, lengths: tuple[int, int]) -> tuple[int, int]:
         if lengths[0] > lengths[1]:
@@ -52,20 +67,20 @@ class WorldParams(BaseModel):
         return lengths
 
     @model_validator(mode="after")
-    def _splits_do_not_overlap(self) -> WorldParams:
-        (in_min, in_max), (out_min, out_max) = self.in_distribution_lengths, self.held_out_lengths
-        if in_min <= out_max and out_min <= in_max:
-            raise ValueError(
-                f"held_out_lengths {[out_min, out_max]} overlap in_distribution_lengths {[in_min, in_max]}"
-            )
+    def _held_out_is_a_strict_subset(self) -> WorldParams:
+        outside = [name for name in self.held_out_families if name not in self.families]
+        if outside:
+            raise ValueError(f"held_out_families {outside} are not among families {self.families}")
+        if not self.trained_families:
+            raise ValueError("held_out_families hold every family: SFT and DPO would have no task to train on")
         return self
 
     @model_validator(mode="after")
     def _eval_fits_each_split(self) -> WorldParams:
         # Eval prompts are distinct and excluded from training, so each split needs a task
         # space well beyond its eval set for rejection sampling to stay cheap.
-        for split, lengths in (("in_distribution", self.in_distribution_lengths), ("held_out", self.held_out_lengths)):
-            available = self.n_distinct_tasks(lengths)
+        for split, families in (("in_distribution", self.trained_families), ("held_out", self.held_out_families)):
+            available = self.n_distinct_tasks(families)
             if self.n_eval_per_split * 2 > available:
                 raise ValueError(
                     f"n_eval_per_split={self.n_eval_per_split} is too large for the {split} split, which has only "
@@ -73,12 +88,17 @@ class WorldParams(BaseModel):
                 )
         return self
 
-    def n_distinct_tasks(self, lengths: tuple[int, int]) -> int:
-        """How many different prompts the configured families allow for input lengths [min, max]."""
+    @property
+    def trained_families(self) -> list[str]:
+        """The families of the SFT demonstrations, the preference pairs and the in_distribution split."""
+        return [name for name in self.families if name not in self.held_out_families]
+
+    def n_distinct_tasks(self, families: list[str]) -> int:
+        """How many different prompts `families` allow for the world's input lengths."""
         return sum(
             len(FAMILIES[name].input_letters(self.alphabet_size)) ** length
-            for name in self.families
-            for length in range(lengths[0], lengths[1] + 1)
+            for name in families
+            for length in range(self.lengths[0], self.lengths[1] + 1)
         )
 
 
