@@ -21,6 +21,7 @@ import pytest
 from post_train.data import load_dataset_checked
 from post_train.judging import generate_for
 from post_train.modeling import load_tokenizer
+from post_train.tracking import experiment_id
 from tasks import register
 from tasks.register import log_transformers_model, pinned_requirements
 from tests.test_mlflow_ui import free_port
@@ -76,7 +77,7 @@ def test_a_model_without_a_chat_template_is_logged_for_completions(smoke_stages,
     plain = shutil.copytree(base.path, tmp_path / "plain")
     (plain / "chat_template.jinja").unlink()
     assert load_tokenizer(str(plain)).chat_template is None
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=experiment_id()):  # artifacts beside the test's store
         info = log_transformers_model(str(plain), config.evaluation)
     assert info.flavors["transformers"]["inference_task"] == "llm/v1/completions"
     assert "prompt" in info.signature.inputs.input_names()

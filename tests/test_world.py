@@ -14,28 +14,24 @@ import torch
 import yaml
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from post_train.world import (
+from post_train.world.__main__ import main
+from post_train.world.demonstrator import corrupt
+from post_train.world.families import FAMILIES, Task, parse_task
+from post_train.world.generate import (
     EVAL_FILE,
-    FAMILIES,
     HELD_OUT,
     IN_DISTRIBUTION,
     PREFERENCES_FILE,
     PRETRAIN_FILE,
     SFT_FILE,
     WORLD_FILES,
-    Task,
-    WorldParams,
-    WorldParamsError,
     build_world,
-    corrupt,
-    gold_reward,
     iter_world_texts,
-    load_world_params,
-    parse_task,
     write_world,
 )
-from post_train.world.__main__ import main
 from post_train.world.model import tiny_llama_config, train_tokenizer
+from post_train.world.params import WorldParams, WorldParamsError, load_world_params
+from post_train.world.reward import gold_reward
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
