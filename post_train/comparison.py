@@ -224,10 +224,10 @@ def result_row(
     stage's diagnostics (`DIAGNOSTIC_PREFIXES`) are copied as they are, and `samples_path` locates its
     per-prompt table for paired statistics."""
     row: dict[str, Any] = {
-        "arm": cell.label,
         "objective": cell.objective,
         "sft_learning_rate": cell.learning_rate,
         "seed": cell.seed,
+        "arm": cell.label,
     }
     for split in splits_in(evaluation):
         rate = float(evaluation[f"win_rate/{split}"])
@@ -283,6 +283,8 @@ def aggregate_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"gold_reward/{split}"] = _mean([r[f"gold_reward/{split}"] for r in group])
         for key in ("sft_kl_to_base", "sft_entropy", "dpo_reward_accuracy"):
             row[key] = _mean([r[key] for r in group])
+        for key in dict.fromkeys(k for r in group for k in r if k.startswith(DIAGNOSTIC_PREFIXES)):
+            row[key] = _mean([r[key] for r in group if key in r])
         aggregated.append(row)
     return aggregated
 
@@ -312,6 +314,14 @@ def _percent_with_ci(row: dict[str, Any], split: str) -> str:
     return text
 
 
+NATIVE_COLUMNS = (
+    # header, row key: the demo world's diagnostics in the base's own format (tasks/evaluate.py)
+    ("native KL to base (SFT, all)", "native_kl_to_base/sft/all"),
+    ("retention held-out (DPO)", "retention/dpo/held_out"),
+    ("DPO − SFT gold (all)", "dpo_gain/gold_reward/all"),
+)
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of per-cell rows (`result_row`) or of aggregated rows (`aggregate_rows`).
 
@@ -325,6 +335,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     header += [f"win rate {split} % [95% CI]" for split in splits]
     header += [f"gold reward {split}" for split in splits]
     header += ["KL to base (SFT)", "entropy (SFT)", "DPO reward acc."]
+    native = [column for column in NATIVE_COLUMNS if any(column[1] in row for row in rows)]
+    header += [name for name, _ in native]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
     for row in rows:
         seeds = row["seeds"] if aggregated else row["seed"]
@@ -336,6 +348,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             _number(row["sft_entropy"], 3),
             _number(row["dpo_reward_accuracy"], 2),
         ]
+        cells += [_number(row.get(key, NAN), 3) for _, key in native]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -161,6 +161,20 @@ def test_markdown_and_csv_tables(tmp_path: Path):
     assert comparison.markdown_table([]) == ""
 
 
+def test_native_diagnostics_reach_the_table_and_the_means_over_seeds():
+    native = {"native_kl_to_base/sft/all": 2.0, "retention/dpo/held_out": 0.5, "dpo_gain/gold_reward/all": 0.06}
+    rows = [
+        comparison.result_row(Cell("nll", 2e-3, seed), {**metrics(0.5, 0.025), **native}, SFT, DPO) for seed in (0, 1)
+    ]
+    rows[1]["native_kl_to_base/sft/all"] = 4.0
+    assert rows[0]["retention/dpo/held_out"] == 0.5 and rows[0]["arm"] == "nll lr=0.002"
+    lines = comparison.markdown_table(rows).splitlines()
+    assert lines[0].endswith("| native KL to base (SFT, all) | retention held-out (DPO) | DPO − SFT gold (all) |")
+    assert lines[2].endswith("| 2.000 | 0.500 | 0.060 |")
+    (aggregated,) = comparison.aggregate_rows(rows)
+    assert aggregated["native_kl_to_base/sft/all"] == pytest.approx(3.0)
+
+
 @pytest.mark.parametrize("several_seeds", [False, True])
 def test_plots_are_pngs(tmp_path: Path, several_seeds: bool):
     rows = seed_rows() if several_seeds else [r for r in seed_rows() if r["seed"] == 0]
