@@ -54,6 +54,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(line + ")")
     diagnostics = [
         ("KL to base", [("sft", "kl_to_base/sft"), ("dpo", "kl_to_base/dpo")], "{:.4f}"),
+        (
+            "native KL to base",
+            [("sft", "native_kl_to_base/sft/all"), ("dpo", "native_kl_to_base/dpo/all")],
+            "{:.4f}",
+        ),
+        (
+            "retention held out",
+            [("sft", "retention/sft/held_out"), ("dpo", "retention/dpo/held_out")],
+            "{:.2f}",
+        ),
+        ("gold reward all", [("sft", "sft_gold_reward/all"), ("dpo", "gold_reward/all")], "{:.3f}"),
         ("entropy", [("base", "entropy/base"), ("sft", "entropy/sft"), ("dpo", "entropy/dpo")], "{:.3f}"),
         (
             "implicit-reward acc.",
