@@ -89,7 +89,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     registration = summary.get("registration") or {}
     aliases = ", ".join(registration.get("aliases") or (["champion"] if summary["champion"] else []))
     lines.append(f"  registered model     {summary['model_uri']}" + (f"  (aliases: {aliases})" if aliases else ""))
-    if registration.get("reason"):
+    if registration.get("already_registered"):  # the same weights: nothing was registered or promoted now
+        lines.append(f"  registration         {registration['reason']}")
+    elif registration.get("reason"):
         decision = "promoted" if registration.get("promoted") else "not promoted"
         lines.append(f"  promotion            {decision}: {registration['reason']}")
     lines += [

@@ -70,10 +70,20 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Champion:
-    """The registered champion, downloaded for a head-to-head."""
+    """The registered champion as a challenger meets it: downloaded for a head-to-head, unless the two are not
+    comparable or the challenger is registered already (no head-to-head is needed then)."""
 
     version: str
     path: str
+    """Its checkpoint directory; "" when it was not downloaded."""
+    incomparable: tuple[str, ...] = ()
+    """What makes it incomparable with the challenger (`post_train.registry.incomparabilities`); empty: comparable."""
+    challenger_registered_as: str | None = None
+    """The version that already holds the challenger's weights, if any: registering returns that version."""
+
+    @property
+    def needs_head_to_head(self) -> bool:
+        return not self.incomparable and self.challenger_registered_as is None
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,10 @@ class HeadToHead:
     def ci_high(self) -> float:
         return self.metrics[f"{HEAD_TO_HEAD}win_rate_ci_high/{ALL}"]
 
+    @property
+    def win_rate_discrete(self) -> float:
+        return self.metrics[f"{HEAD_TO_HEAD}win_rate_discrete/{ALL}"]
+
 
 @dataclass(frozen=True)
 class Registration:
@@ -108,4 +122,8 @@ class Registration:
     reason: str = ""
     """Why the version was or was not promoted."""
     head_to_head: dict[str, float] | None = None
-    """The head-to-head metrics against `previous_champion`; None for the first version."""
+    """The head-to-head metrics against `previous_champion`; None when none was run."""
+    already_registered: bool = False
+    """The weights were registered before, as `version`: no new version was made."""
+    aliases: tuple[str, ...] = ()
+    """The version's aliases once registered."""

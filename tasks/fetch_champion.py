@@ -1,4 +1,10 @@
-"""Stage: the registered champion, downloaded so that the challenger can meet it head to head."""
+"""Stage: the registered champion, downloaded so that the challenger can meet it head to head.
+
+Only when a head-to-head can decide something: a champion that is not comparable with the challenger (another
+evaluation set, judge or tokenizer: `post_train.registry.incomparabilities`) cannot be replaced by it, and a
+challenger whose weights are registered already is not registered again (`tasks/register.py`); neither is
+downloaded, and the flow runs no head-to-head (`Champion.needs_head_to_head`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,8 @@ from mlflow import MlflowClient
 from mlflow.models import Model
 
 from post_train.config import PipelineConfig
-from post_train.results import Champion
+from post_train.registry import comparability_tags, incomparabilities, version_with_weights, weights_sha256
+from post_train.results import Champion, PreparedData
 from post_train.tracking import current_champion, tracking_uri
 
 
@@ -32,13 +39,29 @@ def checkpoint_directory(model_dir: str) -> str:
     return str(checkpoint)
 
 
-def run(config: PipelineConfig, output_dir: str) -> Champion | None:
-    """The champion of `registry.model_name` downloaded to `output_dir`/champion-v<version> (`path`: its checkpoint
-    directory, `checkpoint_directory`), or None when there is none yet."""
+def run(config: PipelineConfig, output_dir: str, model_path: str, data: PreparedData) -> Champion | None:
+    """The champion of `registry.model_name` as the challenger at `model_path` (evaluated on `data.eval`) meets it,
+    or None when there is none yet.
+
+    Downloaded to `output_dir`/champion-v<version> (`path`: its checkpoint directory, `checkpoint_directory`) when
+    it needs a head-to-head; else `path` is "" and `incomparable` or `challenger_registered_as` says why not.
+    """
     name = config.registry.model_name
-    champion = current_champion(MlflowClient(tracking_uri()), name, config.registry.champion_alias)
+    client = MlflowClient(tracking_uri())
+    champion = current_champion(client, name, config.registry.champion_alias)
     if champion is None:
         return None
+    incomparable = tuple(
+        incomparabilities(comparability_tags(config, data.hashes["eval"], model_path), dict(champion.tags))
+    )
+    registered = version_with_weights(client, name, weights_sha256(model_path))
+    if incomparable or registered is not None:
+        return Champion(
+            version=str(champion.version),
+            path="",
+            incomparable=incomparable,
+            challenger_registered_as=str(registered.version) if registered is not None else None,
+        )
     destination = Path(output_dir) / f"champion-v{champion.version}"
     destination.mkdir(parents=True, exist_ok=True)
     path = mlflow.artifacts.download_artifacts(

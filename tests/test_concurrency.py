@@ -84,7 +84,7 @@ def test_two_runs_at_once_on_a_fresh_mlflow_store_both_succeed(tmp_path: Path):
 # ------------------------------------------------------------------------------------------- one champion at most
 
 
-def _register_at_once(barrier, out_file: str, workspace: str, model_path: str, data_hash: str) -> None:
+def _register_at_once(barrier, out_file: str, workspace: str, model_path: str, data) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(workspace) / 'mlflow.db'}"
     from post_train.config import load_config
     from tasks import register
@@ -100,8 +100,13 @@ def _register_at_once(barrier, out_file: str, workspace: str, model_path: str, d
     barrier.wait()
 
     def work():
-        registration = register.run(config, model_path, 0.5, data_hash)
-        return {"version": registration.version, "promoted": registration.is_champion, "reason": registration.reason}
+        registration = register.run(config, model_path, 0.5, data)
+        return {
+            "version": registration.version,
+            "promoted": registration.is_champion,
+            "reason": registration.reason,
+            "already_registered": registration.already_registered,
+        }
 
     _report(out_file, work)
 
@@ -110,15 +115,17 @@ def test_two_registrations_at_the_same_instant_make_one_champion(smoke_stages, m
     """Both find no champion when they start; the one that decides second sees the first one's champion."""
     _, data, base = smoke_stages
     from post_train.tracking import experiment_id
+    from tests.test_registry import rescaled
 
     experiment_id()  # the store exists: this test is about the registry, not the schema
+    other = rescaled(base.path, tmp_path / "other-weights", 2.0)
     results = [
         reply["result"]
         for reply in together(
             _register_at_once,
             tmp_path,
-            (str(tmp_path), base.path, data.data_hash),
-            (str(tmp_path), base.path, data.data_hash),
+            (str(tmp_path), base.path, data),
+            (str(tmp_path), other, data),
         )
     ]
     assert sorted(result["promoted"] for result in results) == [False, True]
@@ -129,6 +136,24 @@ def test_two_registrations_at_the_same_instant_make_one_champion(smoke_stages, m
     versions = client.search_model_versions("name = 'post-train'")
     assert sorted(version.tags["promoted"] for version in versions) == ["false", "true"]
     assert str(client.get_model_version_by_alias("post-train", "champion").version) == winner["version"]
+
+
+def test_the_same_weights_registered_at_the_same_instant_make_one_version(smoke_stages, mlflow_store, tmp_path: Path):
+    """Both find no version of these weights when they start; the one that registers second finds the first's."""
+    _, data, base = smoke_stages
+    from post_train.tracking import experiment_id
+
+    experiment_id()
+    results = [
+        reply["result"]
+        for reply in together(
+            _register_at_once, tmp_path, (str(tmp_path), base.path, data), (str(tmp_path), base.path, data)
+        )
+    ]
+    assert [result["version"] for result in results] == ["1", "1"]
+    assert sorted(result["already_registered"] for result in results) == [False, True]
+    assert all(result["promoted"] for result in results)  # the one version is the champion, whoever made it
+    assert len(MlflowClient(mlflow_store).search_model_versions("name = 'post-train'")) == 1
 
 
 def _hold_the_lease(barrier, out_file: str, store: str) -> None:

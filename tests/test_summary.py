@@ -43,3 +43,11 @@ def test_the_summary_shows_native_diagnostics_when_the_evaluation_has_them():
 def test_without_a_world_the_native_lines_are_left_out():
     text = format_summary(summary({"win_rate/all": 0.5, "num_prompts/all": 10}))
     assert "native KL" not in text and "retention" not in text and "gold reward all" not in text
+
+
+def test_a_rerun_that_found_its_weights_registered_says_so_instead_of_a_promotion():
+    run = summary({"win_rate/all": 0.5, "num_prompts/all": 10})
+    run["registration"] = {"already_registered": True, "promoted": True, "reason": "already registered as version 1"}
+    lines = format_summary(run).splitlines()
+    assert "  registration         already registered as version 1" in lines
+    assert not any(line.startswith("  promotion") for line in lines)
