@@ -3,9 +3,16 @@
 - ``sft_objective(name, **hparams)``: SFT objectives as token-weight functions.
 - ``preference_loss(name, **hparams)``: DPO-family losses of a batch of pairs (``PairLogps``).
 - ``token_logprobs`` / ``token_entropy_and_kl``: chunked fp32 log-prob helpers.
+- ``fused_reference_kl`` / ``token_reference_kl``: ``KL(π_ref ‖ π_θ)`` per position, chunked, with its gradient.
 """
 
-from losses.logprobs import fused_target_logprobs, token_entropy_and_kl, token_logprobs
+from losses.logprobs import (
+    fused_reference_kl,
+    fused_target_logprobs,
+    token_entropy_and_kl,
+    token_logprobs,
+    token_reference_kl,
+)
 from losses.preference import (
     PREFERENCE_LOSSES,
     PairLogps,
@@ -26,8 +33,10 @@ __all__ = [
     "SFTOutput",
     "preference_loss",
     "preference_metrics",
+    "fused_reference_kl",
     "fused_target_logprobs",
     "sft_objective",
     "token_entropy_and_kl",
     "token_logprobs",
+    "token_reference_kl",
 ]

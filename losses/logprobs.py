@@ -200,6 +200,223 @@ def fused_target_logprobs(
     return _FusedTargetLogProbs.apply(hidden, weight, bias, targets, chunk_size)
 
 
+def _kl_chunk(logits: Tensor, ref_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``KL(softmax(ref_logits) ‖ softmax(logits))`` per row, with both rows' logsumexps; consumes both buffers.
+
+    ``KL = Σ_v p_v (log p_v - log q_v)`` with ``log p - log q = (z_ref - z) - (lse(z_ref) - lse(z))``: the
+    difference is formed per entry before the ``p``-weighted sum, so large logits cancel before summing.
+    """
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    ref_logsumexp = torch.logsumexp(ref_logits, dim=-1)
+    log_ratio = logits.neg_().add_(ref_logits).sub_((ref_logsumexp - logsumexp)[:, None])
+    ref_probs = ref_logits.sub_(ref_logsumexp[:, None]).exp_()
+    # In place, so no third [chunk, V] buffer (and no matmul, which autocast would run in bf16).
+    kl = log_ratio.mul_(ref_probs).sum(dim=-1)
+    return kl, logsumexp, ref_logsumexp
+
+
+def _kl_chunk_grad(
+    logits: Tensor, ref_logits: Tensor, logsumexp: Tensor, ref_logsumexp: Tensor, grad: Tensor
+) -> Tensor:
+    """``g · (softmax(z) - softmax(z_ref))``, the gradient of ``g · KL(softmax(z_ref) ‖ softmax(z))`` w.r.t. ``z``.
+
+    ``KL = Σ_v p_v log p_v - Σ_v p_v z_v + lse(z)``, so ``∂KL/∂z_v = q_v - p_v``. Built in ``logits``' buffer.
+    """
+    probs = logits.sub_(logsumexp[:, None]).exp_()
+    ref_probs = ref_logits.sub_(ref_logsumexp[:, None]).exp_()
+    return probs.sub_(ref_probs).mul_(grad[:, None])
+
+
+class _ReferenceKL(torch.autograd.Function):
+    """KL(softmax(ref_logits) ‖ softmax(logits)) per row, saving besides both logits one logsumexp pair per row
+    (autograd through chunked softmaxes would save an fp32 copy of each chunk): see ``token_reference_kl``."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, ref_logits: Tensor, chunk_size: int) -> Tensor:
+        dtype = torch.promote_types(_working_dtype(logits.dtype), _working_dtype(ref_logits.dtype))
+        rows = logits.shape[0]
+        kl = torch.empty(rows, dtype=dtype, device=logits.device)
+        logsumexp, ref_logsumexp = torch.empty_like(kl), torch.empty_like(kl)
+        for start in range(0, rows, chunk_size):
+            stop = start + chunk_size
+            kl[start:stop], logsumexp[start:stop], ref_logsumexp[start:stop] = _kl_chunk(
+                logits[start:stop].to(dtype, copy=True), ref_logits[start:stop].to(dtype, copy=True)
+            )
+        ctx.save_for_backward(logits, ref_logits, logsumexp, ref_logsumexp)
+        ctx.chunk_size = chunk_size
+        return kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
+        logits, ref_logits, logsumexp, ref_logsumexp = ctx.saved_tensors
+        dtype = logsumexp.dtype
+        grad = grad_output.to(dtype)
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk_size):
+            stop = start + ctx.chunk_size
+            grad_logits[start:stop] = _kl_chunk_grad(
+                logits[start:stop].to(dtype, copy=True),
+                ref_logits[start:stop].to(dtype, copy=True),
+                logsumexp[start:stop],
+                ref_logsumexp[start:stop],
+                grad[start:stop],
+            )
+        return grad_logits, None, None
+
+
+def token_reference_kl(logits: Tensor, ref_logits: Tensor, chunk_size: int = CHUNK_SIZE) -> Tensor:
+    """``KL(π_ref(·|s) ‖ π_θ(·|s))`` over the whole vocabulary, per position, from both models' logits.
+
+    The unfused counterpart of ``fused_reference_kl``, for models whose output layer cannot be fused
+    (``post_train.modeling.fusable_output_layer``): the logits exist already, and only ``chunk_size``
+    positions of them are upcast at once, in forward and in backward; the saved state is the logits
+    themselves and two logsumexps per position.
+
+    Args:
+        logits: ``[N, V]`` policy logits, any float dtype.
+        ref_logits: ``[N, V]`` reference logits at the same positions; they get no gradient.
+        chunk_size: positions upcast at once.
+
+    Returns:
+        ``[N]`` in at least fp32, differentiable w.r.t. ``logits`` (gradient ``g · (softmax(z) - softmax(z_ref))``,
+        in the logits' dtype).
+    """
+    _check_chunk_size(chunk_size)
+    return _ReferenceKL.apply(logits, ref_logits.detach(), chunk_size)
+
+
+class _FusedReferenceKL(torch.autograd.Function):
+    """KL(π_ref ‖ π_θ) per counted position from both models' last hidden states: see ``fused_reference_kl``."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        ref_hidden: Tensor,
+        ref_weight: Tensor,
+        ref_bias: Tensor | None,
+        counted: Tensor,
+        chunk_size: int,
+    ) -> Tensor:
+        rows, ref_rows = hidden[counted], ref_hidden[counted]
+        dtype = torch.promote_types(_working_dtype(weight.dtype), _working_dtype(ref_weight.dtype))
+        kl = torch.empty(rows.shape[0], dtype=dtype, device=hidden.device)
+        logsumexp, ref_logsumexp = torch.empty_like(kl), torch.empty_like(kl)
+        for start in range(0, rows.shape[0], chunk_size):
+            stop = start + chunk_size
+            kl[start:stop], logsumexp[start:stop], ref_logsumexp[start:stop] = _kl_chunk(
+                _chunk_logits(rows[start:stop], weight, bias, dtype),
+                _chunk_logits(ref_rows[start:stop], ref_weight, ref_bias, dtype),
+            )
+        out = torch.zeros(counted.shape, dtype=dtype, device=hidden.device)
+        out[counted] = kl
+        ctx.save_for_backward(rows, weight, bias, ref_rows, ref_weight, ref_bias, counted, logsumexp, ref_logsumexp)
+        ctx.chunk_size = chunk_size
+        ctx.hidden_shape = hidden.shape
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        rows, weight, bias, ref_rows, ref_weight, ref_bias, counted, logsumexp, ref_logsumexp = ctx.saved_tensors
+        wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
+        dtype = logsumexp.dtype
+        row_grad = grad_output[counted].to(dtype)
+        grad_rows = torch.empty_like(rows) if wants_hidden else None
+        # Summed over chunks in the working dtype, so that bf16 weights are rounded once, at the end.
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if wants_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if wants_bias else None
+        for start in range(0, rows.shape[0], ctx.chunk_size):
+            stop = start + ctx.chunk_size
+            chunk = rows[start:stop]
+            grad_logits = _kl_chunk_grad(
+                _chunk_logits(chunk, weight, bias, dtype),
+                _chunk_logits(ref_rows[start:stop], ref_weight, ref_bias, dtype),
+                logsumexp[start:stop],
+                ref_logsumexp[start:stop],
+                row_grad[start:stop],
+            )
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+            grad_logits = grad_logits.to(weight.dtype)
+            if grad_rows is not None:
+                grad_rows[start:stop] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ chunk.to(weight.dtype)
+            del grad_logits  # before the next chunk's logits exist, so that only one chunk pair is ever alive
+        grad_hidden = None
+        if grad_rows is not None:
+            grad_hidden = torch.zeros(ctx.hidden_shape, dtype=rows.dtype, device=rows.device)
+            grad_hidden[counted] = grad_rows
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def fused_reference_kl(
+    hidden: Tensor,
+    weight: Tensor,
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    counted: Tensor | None = None,
+    bias: Tensor | None = None,
+    ref_bias: Tensor | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> Tensor:
+    """``K_t = KL(π_ref(·|s_t) ‖ π_θ(·|s_t))`` over the whole vocabulary from both models' last hidden states.
+
+    ``π_θ = softmax(h W^T + b)``, ``π_ref = softmax(h_ref W_ref^T + b_ref)``: anchored SFT's term (arXiv
+    2509.23753), which needs the reference's full next-token distribution at every counted position. As in
+    ``fused_target_logprobs``, neither model's ``[N, V]`` logits are ever held: forward takes ``chunk_size``
+    positions at a time, builds both chunks of logits, and keeps ``K`` and the two logsumexps per position;
+    backward recomputes both chunks and, with ``G = g · (softmax(z) - softmax(z_ref))`` (``∂K/∂z_v = q_v - p_v``),
+    accumulates ``∂h = G W``, ``∂W += G^T h`` and ``∂b += Σ G``. The reference gets no gradient.
+
+    Memory: the saved state is the counted rows of both hidden states (``N·(H + H_ref)``), references to both
+    weights and two logsumexps per position; the working set is one chunk of each model's fp32 logits (plus
+    one transient chunk inside a logsumexp), i.e. ``O(chunk_size · V)`` whatever ``N``, plus, in backward, an
+    fp32 ``[V, H]`` accumulator for ``∂W``. Positions that do not count are dropped before the matmuls.
+
+    Args:
+        hidden: ``[..., H]`` the policy's last hidden states (after the final norm).
+        weight: ``[V, H]`` the policy's output projection.
+        ref_hidden: ``[..., H_ref]`` the reference's last hidden states at the same positions (computed without
+            gradient; none flows to them).
+        ref_weight: ``[V, H_ref]`` the reference's output projection.
+        counted: ``[...]`` bool, the positions that count (default: all). The others get 0 and no gradient.
+        bias, ref_bias: optional ``[V]`` output biases.
+        chunk_size: positions whose logits exist at once, in forward and in backward.
+
+    Returns:
+        ``[...]`` in at least fp32, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+    """
+    _check_chunk_size(chunk_size)
+    if counted is None:
+        counted = torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
+    return _FusedReferenceKL.apply(
+        hidden,
+        weight,
+        bias,
+        ref_hidden.detach(),
+        ref_weight.detach(),
+        None if ref_bias is None else ref_bias.detach(),
+        counted.bool(),
+        chunk_size,
+    )
+
+
 @torch.no_grad()
 def token_entropy_and_kl(
     logits: Tensor, ref_logits: Tensor | None, chunk_size: int = CHUNK_SIZE

@@ -10,6 +10,13 @@ the mask is the logged loss) and the weight ``w_t``. ``SFTObjective`` turns the 
 whose value is exactly the objective and whose gradient is exactly the weighted SFT
 gradient, also where clamps or weight caps make the two disagree.
 
+An objective that also anchors the whole next-token distribution (``needs_ref_distribution``,
+e.g. ``asft``) reads ``K_t = KL(π_ref(·|s_t) ‖ π_θ(·|s_t))`` over the vocabulary, which is not a
+function of ``ℓ_t``: its gradient is ``-(1/N) Σ_t m_t w_t ∇ℓ_t + (1/N) Σ_t m_t a_t ∇K_t`` with a
+detached coefficient ``a_t ≥ 0`` that the function returns as a third tensor, and the surrogate
+gains ``+(1/N) Σ m_t a_t K_t``. ``K_t`` comes differentiable from ``losses.fused_reference_kl``
+(or ``token_reference_kl``), computed chunk by chunk without ``[N, V]`` logits.
+
 Adding an objective is one function below plus one entry in ``SFT_OBJECTIVES``.
 """
 
@@ -24,6 +31,7 @@ from torch import Tensor
 from losses._hparams import resolve_hparams
 
 TokenValuesAndWeights = tuple[Tensor, Tensor]
+TokenValuesWeightsAndKLWeights = tuple[Tensor, Tensor, Tensor]
 
 # Keeps 1+u (χ², Hellinger) and 2-e^{-u} (JS) at least this far from 0, where φ or its
 # derivative blows up.
@@ -46,6 +54,21 @@ def dft(logps: Tensor) -> TokenValuesAndWeights:
     """
     weights = logps.exp()
     return -weights * logps, weights
+
+
+def asft(logps: Tensor, ref_kl: Tensor, alpha: float) -> TokenValuesWeightsAndKLWeights:
+    """Anchored SFT, arXiv 2509.23753: DFT plus a KL anchor to the reference over the whole vocabulary,
+
+        L = (1/N) Σ_t m_t [ -sg(e^{ℓ_t}) ℓ_t + α K_t ],   K_t = KL(π_ref(·|s_t) ‖ π_θ(·|s_t)),
+
+    ``w_t = e^{ℓ_t}`` (DFT's), ``a_t = α``. The direction is the reference's distribution against the
+    policy's (the authors' code, github.com/zhuchichi56/ASFT ``train_v2.py`` mode ``asft``:
+    ``F.kl_div(log_softmax(policy), softmax(reference))`` summed over the vocabulary, token mean).
+    Default ``α = 0.1``: ``kl_weight`` in that code and ``asft_alpha`` in LLaMA-Factory's port (the
+    README's example command uses 0.05). With ``α = 0`` this is exactly ``dft``.
+    """
+    values, weights = dft(logps)
+    return values + alpha * ref_kl, weights, torch.full_like(ref_kl, alpha)
 
 
 def psft(logps: Tensor, old_logps: Tensor, eps_low: float, eps_high: float) -> TokenValuesAndWeights:
@@ -119,7 +142,7 @@ def f_divergence(
 class SFTSpec:
     """Registry entry: the objective function, its hyperparameters' defaults, its inputs."""
 
-    fn: Callable[..., TokenValuesAndWeights]
+    fn: Callable[..., TokenValuesAndWeights | TokenValuesWeightsAndKLWeights]
     defaults: Mapping[str, float] = field(default_factory=dict)
     needs_ref: bool = False
     needs_old: bool = False
@@ -127,6 +150,11 @@ class SFTSpec:
     """The value is a token NLL, whose jumps mean divergence. The others' values (a probability-weighted NLL, a
     clipped ratio, an f-divergence term that is near 0 at the reference and large where the policy falls below it)
     move by large factors in healthy training, so a trainer should not read a jump in them as divergence."""
+    needs_ref_distribution: bool = False
+    """The objective reads the reference model's whole next-token distribution at the counted positions, through
+    ``K_t = KL(π_ref ‖ π_θ)``: ``fn`` gets it detached as ``ref_kl`` and returns ``(values, weights, kl_weights)``,
+    ``kl_weights`` being the detached ``a_t`` of ``∇K_t`` (module docstring). The trainer runs the reference on
+    each batch (no cache: it is a distribution per position, not one number)."""
 
 
 _FDIV_DEFAULTS = {"beta": 1.0, "max_weight": 10.0}
@@ -139,6 +167,7 @@ def _fdiv_spec(generator: Generator) -> SFTSpec:
 SFT_OBJECTIVES: dict[str, SFTSpec] = {
     "nll": SFTSpec(nll, value_is_nll=True),
     "dft": SFTSpec(dft),
+    "asft": SFTSpec(asft, {"alpha": 0.1}, needs_ref_distribution=True),
     "psft": SFTSpec(psft, {"eps_low": 0.2, "eps_high": 0.28}, needs_old=True),
     "fdiv:tv": _fdiv_spec(total_variation),
     "fdiv:pearson_chi2": _fdiv_spec(pearson_chi2),
@@ -164,8 +193,9 @@ class SFTObjective:
     hparams: Mapping[str, float]
     needs_ref: bool
     needs_old: bool
-    fn: Callable[..., TokenValuesAndWeights] = field(repr=False)
+    fn: Callable[..., TokenValuesAndWeights | TokenValuesWeightsAndKLWeights] = field(repr=False)
     value_is_nll: bool = False
+    needs_ref_distribution: bool = False
 
     def __call__(
         self,
@@ -174,20 +204,31 @@ class SFTObjective:
         ref_logps: Tensor | None = None,
         old_logps: Tensor | None = None,
         *,
+        ref_kl: Tensor | None = None,
         num_tokens: int | Tensor | None = None,
     ) -> SFTOutput:
         """Apply the objective to ``[B, T]`` target log-probs on the ``[B, T]`` bool ``mask``.
 
-        ``num_tokens`` is ``N`` in the token mean, ``mask.sum()`` by default. With gradient
+        ``ref_kl`` (objectives with ``needs_ref_distribution``) is ``[B, T]`` ``KL(π_ref ‖ π_θ)`` per
+        position, differentiable w.r.t. the policy (``losses.fused_reference_kl``); its gradient enters
+        the loss's. ``num_tokens`` is ``N`` in the token mean, ``mask.sum()`` by default. With gradient
         accumulation pass the token count of the whole accumulated batch, so that the
         micro-batch losses sum to the batch's loss. An empty mask gives loss 0.
         Off-mask positions may hold anything (even ``-inf``): they are never read.
         """
         extra_inputs: dict[str, Tensor] = {}
         if self.needs_ref:
-            extra_inputs["ref_logps"] = self._require(ref_logps, "ref_logps", "the reference model's")
+            extra_inputs["ref_logps"] = self._require(
+                ref_logps, "ref_logps", "the reference model's per-token log-probs of the targets"
+            )
         if self.needs_old:
-            extra_inputs["old_logps"] = self._require(old_logps, "old_logps", "the old policy's")
+            extra_inputs["old_logps"] = self._require(
+                old_logps, "old_logps", "the old policy's per-token log-probs of the targets"
+            )
+        if self.needs_ref_distribution:
+            extra_inputs["ref_kl"] = self._require(
+                ref_kl, "ref_kl", "KL(reference || policy) over the vocabulary at each position"
+            )
 
         dtype = torch.promote_types(logps.dtype, torch.float32)
         mask = mask.bool()
@@ -195,20 +236,21 @@ class SFTObjective:
         logps = torch.where(mask, logps.to(dtype), zero)
         with torch.no_grad():
             inputs = {key: torch.where(mask, value.to(dtype), zero) for key, value in extra_inputs.items()}
-            token_values, weights = self.fn(logps.detach(), **inputs, **self.hparams)
-            weights = torch.where(mask, weights, zero)
+            terms = self.fn(logps.detach(), **inputs, **self.hparams)
+            token_values, weights = terms[0], torch.where(mask, terms[1], zero)
+            kl_weights = torch.where(mask, terms[2], zero) if self.needs_ref_distribution else None
             count = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=logps.device)
             count = count.to(dtype).clamp_min(1.0)
             value = torch.where(mask, token_values, zero).sum() / count
         surrogate = -(weights * logps).sum() / count
+        if kl_weights is not None:
+            ref_kl = torch.where(mask, extra_inputs["ref_kl"].to(dtype), zero)  # differentiable, unlike inputs'
+            surrogate = surrogate + (kl_weights * ref_kl).sum() / count
         return SFTOutput(loss=value + (surrogate - surrogate.detach()), weights=weights)
 
     def _require(self, tensor: Tensor | None, argument: str, description: str) -> Tensor:
         if tensor is None:
-            raise ValueError(
-                f"SFT objective {self.name!r} needs {argument} ({description} per-token log-probs "
-                f"of the targets); it was not given"
-            )
+            raise ValueError(f"SFT objective {self.name!r} needs {argument} ({description}); it was not given")
         return tensor
 
 
@@ -227,4 +269,5 @@ def sft_objective(name: str, **hparams: float) -> SFTObjective:
         needs_old=spec.needs_old,
         fn=spec.fn,
         value_is_nll=spec.value_is_nll,
+        needs_ref_distribution=spec.needs_ref_distribution,
     )

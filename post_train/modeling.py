@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from losses import fused_target_logprobs, token_entropy_and_kl, token_logprobs
+from losses import fused_reference_kl, fused_target_logprobs, token_entropy_and_kl, token_logprobs, token_reference_kl
 
 
 def load_tokenizer(name_or_path: str, chat_template: str | None = None) -> PreTrainedTokenizerBase:
@@ -203,20 +203,60 @@ def target_logprobs(
     output layer runs at those positions (`logits_to_keep` as a mask). Works on padded
     (`pad_collate`) and packed (`pack_collate`) batches.
     """
+    logps, _, mask = _scored(model, None, batch, fused)
+    return logps, mask
+
+
+def target_logprobs_and_reference_kl(
+    model: torch.nn.Module, reference: torch.nn.Module, batch: dict[str, Any], fused: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`target_logprobs` and, from the same forward pass, `KL(π_ref(·|s_t) ‖ π_θ(·|s_t))` over the whole
+    vocabulary at each counted position, `[R, T-1]` (0 elsewhere), differentiable w.r.t. `model`.
+
+    `reference` (a frozen model with the same vocabulary) runs on the batch without gradient. Fused (where
+    `fusable_output_layer` allows it for both models) the KL comes from both last hidden states chunk by
+    chunk (`losses.fused_reference_kl`), neither model's logits ever held; otherwise from both output
+    layers' logits at the counted positions (`losses.token_reference_kl`). Returns (log-probs, KL, mask).
+    """
+    return _scored(model, reference, batch, fused)
+
+
+def _last_hidden(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    # One position's logits is the least the model computes; the last hidden state is after the final norm.
+    return model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, :-1]
+
+
+def _scored(
+    model: torch.nn.Module, reference: torch.nn.Module | None, batch: dict[str, Any], fused: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Target log-probs, the KL from `reference` (None without one) and the mask; see the two callers."""
     mask = batch["loss_mask"][:, 1:]
     targets = batch["input_ids"][:, 1:][mask]
     head = fusable_output_layer(model) if fused else None
-    if head is not None:
-        # One position's logits is the least the model computes; the last hidden state is after the final norm.
-        hidden = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-        counted = fused_target_logprobs(hidden[:, :-1][mask], head.weight, targets, bias=head.bias)
+    ref_head = fusable_output_layer(reference) if head is not None and reference is not None else None
+    kl = None
+    if head is not None and (reference is None or ref_head is not None):
+        hidden = _last_hidden(model, batch)
+        counted = fused_target_logprobs(hidden[mask], head.weight, targets, bias=head.bias)
+        if reference is not None:
+            with torch.no_grad():
+                ref_hidden = _last_hidden(reference, batch)
+            kl = fused_reference_kl(
+                hidden, head.weight, ref_hidden, ref_head.weight, mask, bias=head.bias, ref_bias=ref_head.bias
+            )
     else:
         keep = torch.nn.functional.pad(mask, (0, 1))  # position t predicts token t + 1
         logits = model(**model_inputs(batch), logits_to_keep=keep).logits
-        counted = token_logprobs(logits.reshape(-1, logits.shape[-1]), targets)
+        logits = logits.reshape(-1, logits.shape[-1])
+        counted = token_logprobs(logits, targets)
+        if reference is not None:
+            with torch.no_grad():
+                ref_logits = reference(**model_inputs(batch), logits_to_keep=keep).logits
+            kl = torch.zeros(mask.shape, dtype=counted.dtype, device=counted.device)
+            kl[mask] = token_reference_kl(logits, ref_logits.reshape(-1, ref_logits.shape[-1]))
     logps = torch.zeros(mask.shape, dtype=counted.dtype, device=counted.device)
     logps[mask] = counted
-    return logps, mask
+    return logps, kl, mask
 
 
 @torch.no_grad()

@@ -20,11 +20,14 @@ from losses import (
     PREFERENCE_LOSSES,
     SFT_OBJECTIVES,
     PairLogps,
+    fused_reference_kl,
+    fused_target_logprobs,
     preference_loss,
     preference_metrics,
     sft_objective,
     token_entropy_and_kl,
     token_logprobs,
+    token_reference_kl,
 )
 from losses.preference import PreferenceSpec
 from losses.sft import SFTSpec
@@ -44,7 +47,8 @@ DOC_GENERATORS = {
 
 def random_sft_inputs(seed: int, shape: tuple[int, int] = (3, 7)) -> dict[str, torch.Tensor]:
     """Log-probs in [-3, -0.01]; ref within ±0.8 (u stays inside every domain, under the
-    weight cap, for β ≤ 0.7); old within ±0.5 so ρ crosses both PSFT clip edges."""
+    weight cap, for β ≤ 0.7); old within ±0.5 so ρ crosses both PSFT clip edges; the token KL
+    to the reference's distribution in [0, 2]."""
     gen = torch.Generator().manual_seed(seed)
 
     def uniform(low: float, high: float) -> torch.Tensor:
@@ -58,18 +62,21 @@ def random_sft_inputs(seed: int, shape: tuple[int, int] = (3, 7)) -> dict[str, t
         "mask": mask,
         "ref_logps": logps + uniform(-0.8, 0.8),
         "old_logps": logps + uniform(-0.5, 0.5),
+        "ref_kl": uniform(0.0, 2.0),
     }
 
 
-def doc_objective(name: str, logps, mask, ref_logps, old_logps, hparams) -> torch.Tensor:
-    """The objective L of the doc's SFT table, differentiable in `logps` (sg only where the
-    doc writes it)."""
+def doc_objective(name: str, logps, mask, ref_logps, old_logps, hparams, ref_kl=None) -> torch.Tensor:
+    """The objective L of the doc's SFT table, differentiable in `logps` and `ref_kl` (sg only
+    where the doc writes it)."""
     m = mask.to(F64)
     n = m.sum()
     if name == "nll":
         per_token = -logps
     elif name == "dft":
         per_token = -logps.detach().exp() * logps
+    elif name == "asft":
+        per_token = -logps.detach().exp() * logps + hparams["alpha"] * ref_kl
     elif name == "psft":
         ratio = torch.exp(logps - old_logps)
         clipped = torch.clamp(ratio, 1 - hparams["eps_low"], 1 + hparams["eps_high"])
@@ -84,7 +91,7 @@ def doc_objective(name: str, logps, mask, ref_logps, old_logps, hparams) -> torc
 def doc_weights(name: str, logps, ref_logps, old_logps, hparams) -> torch.Tensor:
     if name == "nll":
         return torch.ones_like(logps)
-    if name == "dft":
+    if name in ("dft", "asft"):
         return logps.exp()
     if name == "psft":
         ratio = torch.exp(logps - old_logps)
@@ -95,7 +102,9 @@ def doc_weights(name: str, logps, ref_logps, old_logps, hparams) -> torch.Tensor
 
 def run_objective(objective, inputs):
     logps = inputs["logps"].clone().requires_grad_(True)
-    out = objective(logps, inputs["mask"], ref_logps=inputs["ref_logps"], old_logps=inputs["old_logps"])
+    out = objective(
+        logps, inputs["mask"], ref_logps=inputs["ref_logps"], old_logps=inputs["old_logps"], ref_kl=inputs.get("ref_kl")
+    )
     out.loss.backward()
     return out, logps.grad
 
@@ -120,8 +129,10 @@ def test_registry_has_the_documented_objectives():
         assert objective.hparams["beta"] == 1.0
         assert (objective.needs_ref, objective.needs_old) == (True, False)
     assert (sft_objective("psft").needs_ref, sft_objective("psft").needs_old) == (False, True)
-    for name in ("nll", "dft"):
+    for name in ("nll", "dft", "asft"):
         assert (sft_objective(name).needs_ref, sft_objective(name).needs_old) == (False, False)
+    assert sft_objective("asft").hparams == {"alpha": 0.1}
+    assert {name for name in SFT_OBJECTIVES if sft_objective(name).needs_ref_distribution} == {"asft"}
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -134,7 +145,9 @@ def test_sft_value_gradient_and_weights_match_the_doc(name, seed):
 
     all_hparams = dict(objective.hparams)
     logps = inputs["logps"].clone().requires_grad_(True)
-    expected_value = doc_objective(name, logps, inputs["mask"], inputs["ref_logps"], inputs["old_logps"], all_hparams)
+    expected_value = doc_objective(
+        name, logps, inputs["mask"], inputs["ref_logps"], inputs["old_logps"], all_hparams, ref_kl=inputs["ref_kl"]
+    )
     expected_value.backward()
     expected_weights = inputs["mask"] * doc_weights(
         name, inputs["logps"], inputs["ref_logps"], inputs["old_logps"], all_hparams
@@ -195,6 +208,36 @@ def test_dft_weight_is_the_token_probability():
     torch.testing.assert_close(out.weights, inputs["logps"].exp() * inputs["mask"])
 
 
+def asft_leaves(objective, inputs):
+    """The objective on leaf copies of ``logps`` and ``ref_kl``; returns the output and both gradients."""
+    logps = inputs["logps"].clone().requires_grad_(True)
+    ref_kl = inputs["ref_kl"].clone().requires_grad_(True)
+    out = objective(logps, inputs["mask"], ref_kl=ref_kl)
+    out.loss.backward()
+    return out, logps.grad, ref_kl.grad
+
+
+def test_asft_with_alpha_zero_is_exactly_dft():
+    inputs = random_sft_inputs(13)
+    asft_out, asft_grad, kl_grad = asft_leaves(sft_objective("asft", alpha=0.0), inputs)
+    dft_out, dft_grad = run_objective(sft_objective("dft"), inputs)
+    assert asft_out.loss.item() == dft_out.loss.item()
+    assert torch.equal(asft_grad, dft_grad) and torch.equal(asft_out.weights, dft_out.weights)
+    assert (kl_grad == 0).all()
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.1, 2.0])
+def test_asft_adds_alpha_times_the_token_mean_kl_with_its_gradient(alpha):
+    inputs = random_sft_inputs(14)
+    out, grad, kl_grad = asft_leaves(sft_objective("asft", alpha=alpha), inputs)
+    dft_out, dft_grad = run_objective(sft_objective("dft"), inputs)
+    m = inputs["mask"].to(F64)
+    torch.testing.assert_close(out.loss.detach(), dft_out.loss + alpha * (m * inputs["ref_kl"]).sum() / m.sum())
+    # The KL term moves the policy only through K_t: d loss / d K_t = α m_t / N, and ∂ℓ is DFT's.
+    torch.testing.assert_close(kl_grad, alpha * m / m.sum(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(grad, dft_grad, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", [name for name in FDIV_NAMES if name != "fdiv:tv"])
 def test_fdiv_weight_cap_applies_to_the_gradient(name):
     # ℓ far below ℓ_ref: u is at or beyond the domain edge, where the raw weight explodes.
@@ -229,13 +272,14 @@ def test_sft_is_finite_on_extreme_inputs(name, beta):
     logps = torch.tensor([[t[0] for t in triples]], dtype=torch.float32)
     ref_logps = torch.tensor([[t[1] for t in triples]], dtype=torch.float32)
     old_logps = torch.tensor([[t[2] for t in triples]], dtype=torch.float32)
+    ref_kl = -ref_logps  # 1e-6 to 60 nats
     mask = torch.ones_like(logps, dtype=torch.bool)
     mask[0, ::4] = False
     # Off-mask positions may hold anything, including -inf and NaN.
-    logps[0, 0], ref_logps[0, 4], old_logps[0, 8] = float("-inf"), float("nan"), float("-inf")
+    logps[0, 0], ref_logps[0, 4], old_logps[0, 8], ref_kl[0, 12] = (float("-inf"), float("nan"), float("-inf"), 1e30)
     hparams = {"beta": beta} if name.startswith("fdiv:") else {}
     logps.requires_grad_(True)
-    out = sft_objective(name, **hparams)(logps, mask, ref_logps=ref_logps, old_logps=old_logps)
+    out = sft_objective(name, **hparams)(logps, mask, ref_logps=ref_logps, old_logps=old_logps, ref_kl=ref_kl)
     out.loss.backward()
     assert out.loss.dtype == torch.float32
     assert torch.isfinite(out.loss)
@@ -256,7 +300,7 @@ def test_sft_empty_mask_gives_zero_loss_and_gradient(name):
 def test_sft_off_mask_values_do_not_matter():
     inputs = random_sft_inputs(8)
     changed = {key: value.clone() for key, value in inputs.items()}
-    for key in ("logps", "ref_logps", "old_logps"):
+    for key in ("logps", "ref_logps", "old_logps", "ref_kl"):
         changed[key][~inputs["mask"]] = -1e4
     for name in SFT_OBJECTIVES:
         out, grad = run_objective(sft_objective(name), inputs)
@@ -266,7 +310,7 @@ def test_sft_off_mask_values_do_not_matter():
         assert (grad[~inputs["mask"]] == 0).all()
 
 
-@pytest.mark.parametrize("name", ["dft", "psft", "fdiv:js"])
+@pytest.mark.parametrize("name", ["dft", "asft", "psft", "fdiv:js"])
 def test_num_tokens_makes_micro_batches_add_up(name):
     inputs = random_sft_inputs(9, shape=(4, 6))
     objective = sft_objective(name)
@@ -280,6 +324,7 @@ def test_num_tokens_makes_micro_batches_add_up(name):
             inputs["mask"][rows],
             ref_logps=inputs["ref_logps"][rows],
             old_logps=inputs["old_logps"][rows],
+            ref_kl=inputs["ref_kl"][rows],
             num_tokens=total_tokens,
         )
         micro.loss.backward()
@@ -352,6 +397,8 @@ def test_missing_reference_or_old_log_probs_is_a_clear_error():
         sft_objective("fdiv:js")(inputs["logps"], inputs["mask"], old_logps=inputs["old_logps"])
     with pytest.raises(ValueError, match=r"'psft' needs old_logps"):
         sft_objective("psft")(inputs["logps"], inputs["mask"], ref_logps=inputs["ref_logps"])
+    with pytest.raises(ValueError, match=r"'asft' needs ref_kl \(KL\(reference \|\| policy\)"):
+        sft_objective("asft")(inputs["logps"], inputs["mask"], ref_logps=inputs["ref_logps"])
     chosen = torch.tensor([-3.0])
     with pytest.raises(ValueError, match=r"'sigmoid' needs ref_chosen and ref_rejected"):
         preference_loss("sigmoid")(PairLogps(chosen, chosen))
@@ -840,3 +887,249 @@ def test_entropy_without_reference_and_in_low_precision():
     assert not entropy.requires_grad
     logp = F.log_softmax(logits.detach().float(), -1)
     torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- KL(π_ref ‖ π_θ) over the vocabulary, chunked
+
+
+def kl_problem(seed: int, shape=(3, 5), hidden_size=7, ref_hidden_size=6, vocab=11, dtype=F64, masked=4):
+    """Policy ``hidden``/``weight``/``bias``, a reference with its own hidden size, and ``counted`` with ``masked``
+    positions that do not count."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(size, generator=gen, dtype=F64).to(dtype)
+
+    counted = torch.ones(shape, dtype=torch.bool)
+    counted.view(-1)[torch.randperm(counted.numel(), generator=gen)[:masked]] = False
+    return {
+        "hidden": randn(*shape, hidden_size),
+        "weight": randn(vocab, hidden_size),
+        "bias": randn(vocab),
+        "ref_hidden": randn(*shape, ref_hidden_size),
+        "ref_weight": randn(vocab, ref_hidden_size),
+        "ref_bias": randn(vocab),
+        "counted": counted,
+    }
+
+
+def full_vocabulary_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """The definition, ``Σ_v π_ref(v) (log π_ref(v) - log π_θ(v))``, with the whole ``[..., V]`` tensors."""
+    log_p, log_q = torch.log_softmax(ref_logits, dim=-1), torch.log_softmax(logits, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def kl_leaves(problem: dict, with_bias: bool = True) -> dict:
+    leaves = {key: value.clone().requires_grad_(key != "counted") for key, value in problem.items()}
+    if not with_bias:
+        leaves["bias"] = leaves["ref_bias"] = None
+    return leaves
+
+
+def fused_kl_of(leaves: dict, chunk_size: int) -> torch.Tensor:
+    return fused_reference_kl(
+        leaves["hidden"],
+        leaves["weight"],
+        leaves["ref_hidden"],
+        leaves["ref_weight"],
+        leaves["counted"],
+        bias=leaves["bias"],
+        ref_bias=leaves["ref_bias"],
+        chunk_size=chunk_size,
+    )
+
+
+def plain_kl_of(leaves: dict) -> torch.Tensor:
+    def logits(hidden, weight, bias):
+        return hidden @ weight.T + (0 if bias is None else bias)
+
+    kl = full_vocabulary_kl(
+        logits(leaves["hidden"], leaves["weight"], leaves["bias"]),
+        logits(leaves["ref_hidden"], leaves["ref_weight"], leaves["ref_bias"]).detach(),
+    )
+    return kl * leaves["counted"]
+
+
+POLICY_INPUTS = ("hidden", "weight", "bias")
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 10, 1024])
+def test_fused_reference_kl_value_and_gradient_match_the_full_vocabulary_kl_in_float64(chunk_size, with_bias):
+    problem = kl_problem(0)
+    upstream = torch.randn(problem["counted"].shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    ours_leaves, plain_leaves = kl_leaves(problem, with_bias), kl_leaves(problem, with_bias)
+    ours = fused_kl_of(ours_leaves, chunk_size)
+    (ours * upstream).sum().backward()
+    plain = plain_kl_of(plain_leaves)
+    (plain * upstream).sum().backward()
+
+    counted = problem["counted"]
+    assert ours.shape == counted.shape and ours.dtype == F64
+    torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
+    assert (ours[counted] > 0).all() and (ours[~counted] == 0).all()
+    for name in POLICY_INPUTS if with_bias else POLICY_INPUTS[:2]:
+        torch.testing.assert_close(ours_leaves[name].grad, plain_leaves[name].grad, rtol=1e-12, atol=1e-12)
+    assert (ours_leaves["hidden"].grad[~counted] == 0).all() and (ours_leaves["hidden"].grad[counted] != 0).any()
+    # The reference is frozen: nothing flows to it, even from leaves that would accept a gradient.
+    assert all(ours_leaves[name] is None or ours_leaves[name].grad is None for name in ("ref_hidden", "ref_weight"))
+
+
+def test_masked_positions_do_not_change_the_counted_ones():
+    problem = kl_problem(2)
+    changed = {**problem, "hidden": problem["hidden"].clone(), "ref_hidden": problem["ref_hidden"].clone()}
+    changed["hidden"][~problem["counted"]] = 1e4
+    changed["ref_hidden"][~problem["counted"]] = float("nan")
+    ours, theirs = kl_leaves(problem), kl_leaves(changed)
+    fused_kl_of(ours, 3).sum().backward()
+    fused_kl_of(theirs, 3).sum().backward()
+    torch.testing.assert_close(fused_kl_of(theirs, 3), fused_kl_of(ours, 3), rtol=0, atol=0)
+    for name in POLICY_INPUTS:
+        torch.testing.assert_close(theirs[name].grad, ours[name].grad, rtol=0, atol=0)
+
+
+def test_reference_kl_of_the_policy_itself_is_zero_with_zero_gradient():
+    problem = kl_problem(3, ref_hidden_size=7)
+    same = {**problem, "ref_hidden": problem["hidden"], "ref_weight": problem["weight"], "ref_bias": problem["bias"]}
+    leaves = kl_leaves(same)
+    kl = fused_kl_of(leaves, 4)
+    kl.sum().backward()
+    torch.testing.assert_close(kl, torch.zeros_like(kl), rtol=0, atol=1e-13)
+    for name in POLICY_INPUTS:
+        torch.testing.assert_close(leaves[name].grad, torch.zeros_like(leaves[name].grad), rtol=0, atol=1e-13)
+
+
+def test_fused_reference_kl_gradcheck():
+    problem = kl_problem(4, shape=(5,), hidden_size=3, ref_hidden_size=2, vocab=4, masked=1)
+    leaves = kl_leaves(problem)
+
+    def kl_of(hidden, weight, bias):
+        return fused_kl_of({**leaves, "hidden": hidden, "weight": weight, "bias": bias}, chunk_size=2)
+
+    assert torch.autograd.gradcheck(kl_of, tuple(leaves[name] for name in POLICY_INPUTS))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1024])
+def test_token_reference_kl_value_and_gradient_match_the_full_vocabulary_kl_in_float64(chunk_size):
+    logits, _ = random_logits(8, shape=(9, 11))
+    ref_logits, _ = random_logits(9, shape=(9, 11))
+    upstream = torch.randn(9, dtype=F64, generator=torch.Generator().manual_seed(10))
+    ours_logits, plain_logits = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    ref_leaf = ref_logits.clone().requires_grad_(True)
+    ours = token_reference_kl(ours_logits, ref_leaf, chunk_size=chunk_size)
+    (ours * upstream).sum().backward()
+    plain = full_vocabulary_kl(plain_logits, ref_logits)
+    (plain * upstream).sum().backward()
+    assert ours.dtype == F64
+    torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours_logits.grad, plain_logits.grad, rtol=1e-12, atol=1e-12)
+    assert ref_leaf.grad is None
+    # The logits are read, never overwritten (each chunk is upcast into a copy).
+    assert torch.equal(ours_logits.detach(), logits)
+
+
+def test_reference_kl_of_bf16_inputs_is_fp32_with_gradients_in_the_inputs_dtypes():
+    problem = kl_problem(11, shape=(4, 8), hidden_size=16, ref_hidden_size=16, vocab=200, dtype=torch.bfloat16)
+    ours, reference = kl_leaves(problem), kl_leaves({key: value.float() for key, value in problem.items()})
+    reference["counted"] = problem["counted"]
+    kl = fused_kl_of(ours, 5)
+    kl.sum().backward()
+    expected = plain_kl_of(reference)
+    expected.sum().backward()
+    assert kl.dtype == torch.float32
+    torch.testing.assert_close(kl, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    for name in POLICY_INPUTS:
+        assert ours[name].grad.dtype == torch.bfloat16
+        scale = reference[name].grad.abs().max().item()
+        torch.testing.assert_close(ours[name].grad.float(), reference[name].grad, rtol=2e-2, atol=2e-2 * scale)
+
+
+def test_reference_kl_chunk_size_must_be_positive():
+    problem = kl_problem(12)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_kl_of(problem, 0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        token_reference_kl(problem["hidden"], problem["hidden"], chunk_size=0)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 1.5])
+@pytest.mark.parametrize("chunk_size", [2, 1024])
+def test_asft_on_the_fused_path_has_the_gradient_of_the_full_vocabulary_loss(alpha, chunk_size):
+    """The whole contract end to end, in float64: ``asft`` fed by ``fused_target_logprobs`` and
+    ``fused_reference_kl`` against the authors' formulation with full ``[N, V]`` logits,
+    ``mean_m(sg(p_y) · CE + α · kl_div(log_softmax(z), softmax(z_ref)).sum(-1))``."""
+    problem = kl_problem(13)
+    targets = torch.randint(0, 11, problem["counted"].shape, generator=torch.Generator().manual_seed(14))
+    mask = problem["counted"]
+    objective = sft_objective("asft", alpha=alpha)
+
+    ours = kl_leaves(problem)
+    rows = ours["hidden"][mask]
+    logps = torch.zeros(mask.shape, dtype=F64).masked_scatter(
+        mask, fused_target_logprobs(rows, ours["weight"], targets[mask], bias=ours["bias"], chunk_size=chunk_size)
+    )
+    loss = objective(logps, mask, ref_kl=fused_kl_of(ours, chunk_size)).loss
+    loss.backward()
+
+    plain = kl_leaves(problem)
+    logits = plain["hidden"][mask] @ plain["weight"].T + plain["bias"]
+    ref_logits = (plain["ref_hidden"][mask] @ plain["ref_weight"].T + plain["ref_bias"]).detach()
+    cross_entropy = F.cross_entropy(logits, targets[mask], reduction="none")
+    kl = F.kl_div(F.log_softmax(logits, -1), F.softmax(ref_logits, -1), reduction="none").sum(-1)
+    expected = (torch.exp(-cross_entropy).detach() * cross_entropy + alpha * kl).mean()
+    expected.backward()
+
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-12, atol=1e-12)
+    for name in POLICY_INPUTS:
+        torch.testing.assert_close(ours[name].grad, plain[name].grad, rtol=1e-10, atol=1e-12)
+
+
+# Memory: what a fused KL pass keeps for backward and allocates per op, against the plain [N, V] path.
+KL_POSITIONS, KL_HIDDEN, KL_VOCAB, KL_CHUNK = 512, 8, 1024, 32
+
+
+def kl_memory_problem() -> dict:
+    problem = kl_problem(
+        15,
+        shape=(KL_POSITIONS,),
+        hidden_size=KL_HIDDEN,
+        ref_hidden_size=KL_HIDDEN,
+        vocab=KL_VOCAB,
+        dtype=torch.float32,
+        masked=0,
+    )
+    return kl_leaves(problem)
+
+
+def saved_numels_of(kl_of) -> list[int]:
+    saved: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        kl_of(kl_memory_problem())
+    return saved
+
+
+def largest_allocation_of(kl_of) -> int:
+    """Bytes of the largest allocation any op (forward or backward) holds when it returns."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        kl_of(kl_memory_problem()).sum().backward()
+    return max(event.cpu_memory_usage for event in prof.events())
+
+
+def test_fused_reference_kl_saves_and_allocates_no_position_by_vocabulary_tensor():
+    def fused(leaves):
+        return fused_kl_of(leaves, KL_CHUNK)
+
+    logits_numel = KL_POSITIONS * KL_VOCAB
+    assert max(saved_numels_of(plain_kl_of)) >= logits_numel  # the probe sees [N, V] tensors when they are saved
+    assert max(saved_numels_of(fused)) <= max(KL_VOCAB, KL_POSITIONS) * KL_HIDDEN
+    assert largest_allocation_of(plain_kl_of) >= logits_numel * 4
+    # Per op at most: one chunk of fp32 logits, the fp32 ∂W accumulator, and [N, H] rows of both models.
+    bound = KL_CHUNK * KL_VOCAB * 4 + KL_VOCAB * KL_HIDDEN * 4 + 2 * KL_POSITIONS * KL_HIDDEN * 4
+    assert largest_allocation_of(fused) <= bound < logits_numel * 4
