@@ -1,4 +1,4 @@
-"""The `post-train` flow: prepare → base model → SFT → DPO → evaluate → (head-to-head) → register.
+"""The `post-train` flow: prepare → base model → SFT → DPO → evaluate → fetch-champion → (head-to-head) → register.
 
 Composition only: each stage is a task of `flows/stages.py`. The flow validates its inputs
 (`post_train.validate`: configuration, model, data, judge, outputs) before any work, opens the
@@ -24,7 +24,15 @@ from post_train.data import data_counts
 from post_train.results import Champion, Evaluation, HeadToHead, Registration
 from post_train.run_summary import head_to_head_rows, mlflow_run_url, model_version_url, win_rate_rows
 from post_train.stages import RunContext
-from post_train.tracking import experiment_id, flatten, log_params_and_metrics, regression_tags, tracking_uri
+from post_train.tracking import (
+    experiment_id,
+    flatten,
+    flow_run_name,
+    log_params_and_metrics,
+    model_short_name,
+    regression_tags,
+    tracking_uri,
+)
 from post_train.validate import validated_config
 
 WIN_RATES_ARTIFACT = "post-train-win-rates"
@@ -66,6 +74,8 @@ def publish_artifacts(
         description="The flow's MLflow run, with a child run per stage",
     )
     standing = f"@{config.registry.champion_alias}" if registration.is_champion else "not promoted"
+    if registration.already_registered:
+        standing += ", registered before"
     create_link_artifact(
         model_version_url(uri, registration.name, registration.version),
         link_text=f"{registration.name} version {registration.version} ({standing})",
@@ -89,10 +99,16 @@ def post_train(
     (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
 
     client = MlflowClient(tracking_uri())
+    model = model_short_name(config.model.name_or_path)
     parent = client.create_run(
         experiment_id(),
-        run_name=f"{config.recipe}-{run_name}",
-        tags={"recipe": config.recipe, "scale": config.scale, "prefect_flow_run_id": str(flow_run.get_id())},
+        run_name=flow_run_name(config.recipe, config.scale, model, run_name),
+        tags={
+            "recipe": config.recipe,
+            "scale": config.scale,
+            "model": model,
+            "prefect_flow_run_id": str(flow_run.get_id()),
+        },
     )
     parent_id = parent.info.run_id
     log_params_and_metrics(client, parent_id, params=flatten(config.model_dump(mode="json")))
@@ -107,10 +123,11 @@ def post_train(
         evaluation = stages.evaluate(
             config, context, model_path=dpo.path, data=data, reference_model_path=sft.path, base_model_path=base.path
         )
-        champion = stages.fetch_champion(config, context)
+        champion = stages.fetch_champion(config, context, model_path=dpo.path, data=data)
+        # No head-to-head against a champion the model cannot replace (not comparable) or when it is registered already.
         comparison = (
             stages.head_to_head(config, context, candidate_path=dpo.path, baseline_path=champion.path, data=data)
-            if champion is not None
+            if champion is not None and champion.needs_head_to_head
             else None
         )
         # The stages that made the model, each flagged when it ended worse than it started.
@@ -127,13 +144,17 @@ def post_train(
             context,
             model_path=dpo.path,
             win_rate=evaluation.win_rate,
-            data_hash=data.data_hash,
+            data=data,
             flow_run_id=str(flow_run.get_id()),
             metrics=evaluation.metrics,
             champion=champion,
             comparison=comparison,
             regressions=regressions,
             data_counts=counts,
+            base_model_path=base.path,
+        )
+        get_run_logger().info(
+            "register: %s version %s: %s", registration.name, registration.version, registration.reason
         )
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
@@ -159,9 +180,9 @@ def post_train(
         "data": counts,
         "registration": {
             "version": registration.version,
-            "aliases": [config.registry.challenger_alias]
-            + ([config.registry.champion_alias] if registration.is_champion else []),
+            "aliases": list(registration.aliases),
             "promoted": registration.is_champion,
+            "already_registered": registration.already_registered,
             "reason": registration.reason,
             "previous_champion": registration.previous_champion,
             "head_to_head": registration.head_to_head,

@@ -307,7 +307,11 @@ EvaluationConfig = create_model(
 
 
 class RegistryConfig(StrictModel):
-    model_name: str = "post-train"
+    model_name: str = Field(
+        default="post-train",
+        description="The registered model. Versions compete for its champion alias only when they are comparable "
+        "(same evaluation set, judge and tokenizer): give each dataset or model a name of its own.",
+    )
     champion_alias: str = "champion"
     challenger_alias: str = Field(default="challenger", description="Alias of the newest registered version.")
     promotion_ci_lower_bound: float = Field(
@@ -316,6 +320,21 @@ class RegistryConfig(StrictModel):
         le=1,
         description="A challenger becomes champion when its head-to-head win rate against the champion is above 0.5 "
         "and the lower bound of its bootstrap confidence interval is above this.",
+    )
+    min_effect: float = Field(
+        default=0.02,
+        ge=0,
+        le=0.5,
+        description="A challenger becomes champion only when its head-to-head win rate minus 0.5 is at least this, "
+        "for the soft (`win_rate/all`) and the discrete (`win_rate_discrete/all`) win rate alike: a weak judge's "
+        "preferences near 0.5 give a tight CI around a negligible effect.",
+    )
+    min_win_rate: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="The first version becomes champion only when its win rate against the references "
+        "(`win_rate/all`) is at least this; below it, it is registered and not promoted.",
     )
     promote_regressed: bool = Field(
         default=False,

@@ -6,11 +6,16 @@ MLflow: `stage_run` opens no run elsewhere, and stages guard their own logging c
 
 Several runs may share one store at once: a new SQLite store gets its tables under a lock (two
 processes migrating one empty database collide), and registry decisions hold `registry_lock`.
+
+What the MLflow UI shows: the experiment's description and kind (`EXPERIMENT_TAGS`), runs named by stage, recipe,
+scale and model, system metrics on the training stages, the datasets each stage read (`log_dataset`), and one
+grid of training curves per stage (`log_curves`).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -25,14 +30,34 @@ matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt
 import mlflow
 from mlflow import MlflowClient
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import HuggingFaceDatasetSource, LocalArtifactDatasetSource
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from post_train.locks import file_lock
 from post_train.provenance import library_versions
 
 EXPERIMENT = "post-train"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""The tag the MLflow UI (3.x) reads to open an experiment as "Machine learning" (`custom_model_development`: runs,
+metrics, charts) or as "GenAI apps & agents" (`genai_development`: traces first); without it the UI guesses."""
+EXPERIMENT_TAGS = {
+    EXPERIMENT_KIND_TAG: "custom_model_development",
+    MLFLOW_RUN_NOTE: (  # `mlflow.note.content`: the description on the experiment's page (Markdown)
+        "Post-training of a language model: prepare → base model → SFT → DPO → evaluate → (head-to-head) → "
+        "register.\n\n"
+        "Each flow run is a parent run named `<recipe>-<scale>-<model>-<flow run>` (tags `recipe`, `scale`, "
+        "`model`) with a child run per stage named `<stage> · <recipe> · <scale>` (tag `stage`). Training stages "
+        "log TRL's metric names, system metrics (`system/...`), their datasets (Datasets column) and a PNG of "
+        "their curves; `evaluate` logs win rates (`win_rate/all`, with CIs) per split. A cached stage's run is "
+        "tagged `cache_hit`."
+    ),
+}
+"""Set on the experiment when it is created, and on an existing one that lacks them (a kind chosen in the UI
+stays)."""
 
 
 def tracking_uri() -> str:
@@ -73,12 +98,15 @@ def experiment_id(name: str = EXPERIMENT) -> str:
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=_artifact_location())
-    except MlflowException:  # another run created it since
-        return client.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_location(), tags=EXPERIMENT_TAGS)
+        except MlflowException:  # another run created it since
+            experiment = client.get_experiment_by_name(name)
+    for key, value in EXPERIMENT_TAGS.items():  # a store made before these tags existed
+        if key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 LEASE_SUFFIX = ".registry-lock"
@@ -192,24 +220,50 @@ def environment_tags() -> dict[str, str]:
     }
 
 
+def model_short_name(name_or_path: str | None) -> str:
+    """The model as a run name shows it: the last part of a Hub name or local path (`Qwen/Qwen2.5-0.5B` →
+    `Qwen2.5-0.5B`), `tiny-llama` for the demo base model (`model.name_or_path` unset)."""
+    return Path(name_or_path.rstrip("/")).name if name_or_path else "tiny-llama"
+
+
+def flow_run_name(recipe: str, scale: str, model: str, flow_run: str) -> str:
+    """The parent run's name, `<recipe>-<scale>-<model>-<flow run>`: what a row of the runs table is at a glance."""
+    return f"{recipe}-{scale}-{model}-{flow_run}"
+
+
+def stage_run_name(stage: str, parent_tags: dict[str, str]) -> str:
+    """`<stage> · <recipe> · <scale>` from the parent run's `recipe` and `scale` tags (those it has): the stage
+    alone under a parent without them, or with no parent."""
+    return " · ".join([stage] + [parent_tags[key] for key in ("recipe", "scale") if key in parent_tags])
+
+
 @contextmanager
 def stage_run(
     stage: str,
     parent_run_id: str | None,
     params: dict[str, Any] | None = None,
+    system_metrics: bool | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """A child run of the flow's run for one stage, on rank 0 only; marked FAILED, with the error as its `error` tag,
-    if the stage raises. Earlier attempts at the stage under the same parent that are still RUNNING are ended first."""
+    if the stage raises. Earlier attempts at the stage under the same parent that are still RUNNING are ended first.
+
+    `system_metrics` (True for the training stages; None: as `MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING` says): MLflow
+    samples CPU, memory, disk, network and, with nvidia-ml-py, each GPU of rank 0's machine every
+    `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` seconds (default 10) into `system/...` metrics, from a thread that
+    stops with the run (a run shorter than one interval gets none)."""
     if not is_main_process():
         yield NO_RUN
         return
     end_orphaned_runs(stage, parent_run_id)
+    experiment = experiment_id()
+    parent_tags = MlflowClient(tracking_uri()).get_run(parent_run_id).data.tags if parent_run_id else {}
     with mlflow.start_run(
-        experiment_id=experiment_id(),
-        run_name=stage,
+        experiment_id=experiment,
+        run_name=stage_run_name(stage, parent_tags),
         parent_run_id=parent_run_id,
         nested=parent_run_id is not None,
         tags={"stage": stage, **environment_tags()},
+        log_system_metrics=system_metrics,
     ) as run:
         if params:
             mlflow.log_params(flatten(params))
@@ -220,23 +274,64 @@ def stage_run(
             raise
 
 
+def dataset_source(source: str) -> LocalArtifactDatasetSource | HuggingFaceDatasetSource:
+    """Where a dataset was read, as `post_train.data.load_rows` reads it: a local file or directory (its absolute
+    path), else a Hub dataset `name` or `name:split` (split `train` by default)."""
+    path = Path(source)
+    if path.exists():
+        return LocalArtifactDatasetSource(str(path.resolve()))
+    name, _, split = source.partition(":")
+    return HuggingFaceDatasetSource(name, split=split or "train")
+
+
+def log_dataset(source: str, name: str, digest: str, context: str) -> None:
+    """`source` as an input of the active run (rank 0 only): MLflow's dataset tracking, shown in the runs table's
+    Datasets column and on the run page as `name (digest)` with its `context` (`training`, `evaluation`, ...).
+
+    The digest is the content hash the stage's cache key already takes (`PreparedData.hashes`: 32 hex digits, or
+    DVC's `<md5>.dir`, within MLflow's 36 characters), so runs on the same data share one dataset entry. Only
+    metadata is logged (`MetaDataset`), not the rows."""
+    if not is_main_process():
+        return
+    mlflow.log_input(MetaDataset(dataset_source(source), name=name, digest=digest), context=context)
+
+
+CURVE_PANEL_PX = (480, 360)
+"""Width and height of one panel of `log_curves`, in pixels: legible in MLflow's artifact viewer at full size."""
+CURVE_DPI = 100
+
+
+def grid_shape(panels: int) -> tuple[int, int]:
+    """(rows, columns) for `panels` plots: ⌈√n⌉ columns, as many rows as they need (6 → 2×3, 7 → 3×3, 3 → 2×2), so
+    the image stays about as wide as it is tall however many metrics it shows."""
+    columns = math.ceil(math.sqrt(panels))
+    return math.ceil(panels / columns), columns
+
+
 def log_curves(history: list[dict[str, float]], keys: list[str], name: str, title: str) -> None:
-    """A PNG with one panel per metric against the optimizer step (rank 0 only)."""
+    """A PNG with one panel per metric against the optimizer step, in a `grid_shape` grid of `CURVE_PANEL_PX`
+    panels (rank 0 only)."""
     if not is_main_process():
         return
     keys = [key for key in keys if any(key in entry for entry in history)]
     if not keys:
         return
-    figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for axis, key in zip(axes[0], keys):
+    rows, columns = grid_shape(len(keys))
+    width, height = CURVE_PANEL_PX
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(columns * width / CURVE_DPI, rows * height / CURVE_DPI), dpi=CURVE_DPI, squeeze=False
+    )
+    for axis, key in zip(axes.flat, keys):
         points = [(entry["step"], entry[key]) for entry in history if key in entry]
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
         axis.set_title(key)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
+    for axis in axes.flat[len(keys) :]:  # the last row's empty cells
+        axis.set_visible(False)
     figure.suptitle(title)
     figure.tight_layout()
-    mlflow.log_figure(figure, name)
+    mlflow.log_figure(figure, name, save_kwargs={"dpi": CURVE_DPI})
     plt.close(figure)
 
 

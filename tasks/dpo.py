@@ -29,7 +29,7 @@ from post_train.modeling import (
 from post_train.reference import reference_logps
 from post_train.results import PreparedData, TrainedModel
 from post_train.stage_io import stage_main
-from post_train.tracking import is_main_process, log_curves, regression_tags, stage_run
+from post_train.tracking import is_main_process, log_curves, log_dataset, regression_tags, stage_run
 from post_train.training import StepOutput, frozen_dtype, make_accelerator, rows_drawn, save_checkpoint, train
 
 DPO_CURVES = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "learning_rate"]
@@ -124,7 +124,13 @@ def run(
         sums["logps/rejected"] = float(rejected.detach().sum())
         return StepOutput(out.losses.sum(), sums)
 
-    with stage_run("dpo", parent_run_id, {"dpo": settings.model_dump(mode="json"), "sft_model": sft_model_path}) as run:
+    with stage_run(
+        "dpo",
+        parent_run_id,
+        {"dpo": settings.model_dump(mode="json"), "sft_model": sft_model_path},
+        system_metrics=True,
+    ) as run:
+        log_dataset(data.preferences, "preferences", data.hashes["preferences"], "training")
         main = is_main_process()
         if main:
             examples.report.log()

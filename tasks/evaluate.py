@@ -40,7 +40,7 @@ from post_train.judging import generate_for, judged_metrics, log_samples, plot_w
 from post_train.modeling import load_frozen, load_tokenizer
 from post_train.results import ALL, Evaluation, PreparedData
 from post_train.stage_io import stage_main
-from post_train.tracking import stage_run
+from post_train.tracking import log_dataset, stage_run
 
 
 def plot_diagnostics(metrics: dict[str, float], title: str) -> None:
@@ -222,6 +222,7 @@ def run(
     try:
         judge.check(judge.settings, examples)  # refuse before any work
         with stage_run("evaluate", parent_run_id, params) as run:
+            log_dataset(data.eval, "eval", data.hashes["eval"], "evaluation")
             model = load_frozen(model_path) if settings.backend == "transformers" else None
             outputs = generate_for(config, model_path, tokenizer, examples, model)
             references = [e.reference for e in examples]

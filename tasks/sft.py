@@ -2,8 +2,9 @@
 
 The objective is looked up by name in `losses`; this stage only supplies what it asks for:
 reference log-probs from the frozen base model (`needs_ref`, on the rows the run will draw only,
-computed once and cached on disk) and an old-policy snapshot every `rollout_steps` optimizer steps
-(`needs_old`, PSFT). Every few steps it measures the exact token KL to the base model and the
+computed once and cached on disk), an old-policy snapshot every `rollout_steps` optimizer steps
+(`needs_old`, PSFT) and the base's whole next-token distribution, the base run on each batch without
+gradient (`needs_ref_distribution`, ASFT). Every few steps it measures the exact token KL to the base model and the
 entropy on held-out responses, the drift arXiv 2507.00018 says plain SFT leaves unchecked; on the demo
 world also the KL on the answer tokens of terse documents ("reverse c a f b = b f a c"), the base's own
 format, where it is competent (`native_kl_to_base`).
@@ -38,12 +39,13 @@ from post_train.modeling import (
     load_tokenizer,
     pad_collate,
     target_logprobs,
+    target_logprobs_and_reference_kl,
     to_device,
 )
 from post_train.reference import reference_logps
 from post_train.results import PreparedData, TrainedModel
 from post_train.stage_io import stage_main
-from post_train.tracking import is_main_process, log_curves, regression_tags, stage_run
+from post_train.tracking import is_main_process, log_curves, log_dataset, regression_tags, stage_run
 from post_train.training import (
     RolloutFn,
     StepFn,
@@ -87,17 +89,27 @@ def native_held_out_batch(tokenizer, examples: list[EvalExample], size: int, dev
     return to_device(native_batch(tokenizer, tasks), device)
 
 
-def objective_step(objective: SFTObjective, fused_logprobs: bool) -> StepFn:
-    """One micro-batch of SFT with `objective`: its summed loss and the summed token weights."""
+def objective_step(objective: SFTObjective, fused_logprobs: bool, reference: torch.nn.Module | None = None) -> StepFn:
+    """One micro-batch of SFT with `objective`: its summed loss and the summed token weights, and for an objective
+    that needs the reference's distribution (run from `reference`, the frozen base) the summed `anchor_kl`,
+    KL(π_base ‖ π_θ) on the training tokens."""
+    if objective.needs_ref_distribution and reference is None:
+        raise ValueError(f"SFT objective {objective.name!r} needs the reference model; none was given")
 
     def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
-        logps, mask = target_logprobs(model, batch, fused_logprobs)
+        ref_kl, metrics = None, {}
+        if objective.needs_ref_distribution:
+            logps, ref_kl, mask = target_logprobs_and_reference_kl(model, reference, batch, fused_logprobs)
+            metrics["anchor_kl"] = ref_kl.sum().detach()  # 0 off the mask
+        else:
+            logps, mask = target_logprobs(model, batch, fused_logprobs)
         old_logps = None
         if objective.needs_old:
             # Absent on a rollout's first step, whose weights are still the old policy's: this pass's own log-probs.
             old_logps = batch.get("old_logps", logps.detach())
-        out = objective(logps, mask, ref_logps=batch.get("ref_logps"), old_logps=old_logps)
-        return StepOutput(out.loss * mask.sum(), {"mean_token_weight": out.weights.sum().detach()})
+        out = objective(logps, mask, ref_logps=batch.get("ref_logps"), old_logps=old_logps, ref_kl=ref_kl)
+        metrics["mean_token_weight"] = out.weights.sum().detach()
+        return StepOutput(out.loss * mask.sum(), metrics)
 
     return step
 
@@ -172,8 +184,13 @@ def run(
         return drift
 
     with stage_run(
-        "sft", parent_run_id, {"sft": settings.model_dump(mode="json"), "base_model": base_model_path}
+        "sft",
+        parent_run_id,
+        {"sft": settings.model_dump(mode="json"), "base_model": base_model_path},
+        system_metrics=True,
     ) as run:
+        log_dataset(data.sft, "sft", data.hashes["sft"], "training")
+        log_dataset(data.eval, "eval", data.hashes["eval"], "validation")  # the KL-to-base and entropy references
         main = is_main_process()
         if main:
             examples.report.log()
@@ -184,7 +201,7 @@ def run(
             model,
             dataset,
             collate,
-            objective_step(objective, settings.fused_logprobs),
+            objective_step(objective, settings.fused_logprobs, reference=base),
             settings,
             accelerator,
             on_log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),

@@ -433,6 +433,7 @@ def test_dpo_logs_its_data_counts_and_scores_only_the_pairs_it_draws_with_the_re
     from post_train.config import load_config
     from tasks import dpo
     from tests.conftest import smoke_overrides
+    from tests.test_mlflow_ui import dataset_inputs
 
     _, data, base = smoke_stages
     rows = [json.loads(line) for line in Path(data.preferences).read_text().splitlines()]
@@ -459,6 +460,9 @@ def test_dpo_logs_its_data_counts_and_scores_only_the_pairs_it_draws_with_the_re
     assert {key: result.metrics[key] for key in counts} == counts  # the summary and the model card read these
     artifacts = {artifact.path for artifact in MlflowClient(shared_mlflow_store).list_artifacts(result.run_id)}
     assert "data_report_preferences.json" in artifacts
+    # The file it read, under the content hash its cache key takes.
+    run = MlflowClient(shared_mlflow_store).get_run(result.run_id)
+    assert dataset_inputs(run) == {"preferences": (data.hashes["preferences"], "training", str(preferences.resolve()))}
     # One step of 8 pairs in micro-batches of 4, and the micro-batch the loader reads ahead: 12 of 32 pairs.
     assert logged["reference_rows"] == 12 < len(rows)
     [cached] = (tmp_path / "cache" / "reference-logps").glob("*.pt")

@@ -122,10 +122,12 @@ def test_a_stage_that_got_worse_says_how():
     ]
 
 
-def test_a_model_that_got_worse_is_flagged_and_not_promoted_unless_allowed(smoke_stages, mlflow_store):
+def test_a_model_that_got_worse_is_flagged_and_not_promoted_unless_allowed(smoke_stages, mlflow_store, tmp_path):
+    from tests.test_registry import rescaled
+
     config, data, base = smoke_stages
     regressions = ["dpo: final loss 0.9440 is above the first 0.6931"]
-    refused = register.run(config, base.path, 0.4, data.data_hash, regressions=regressions)
+    refused = register.run(config, base.path, 0.4, data, regressions=regressions)
     client = MlflowClient(mlflow_store)
     version = client.get_model_version("post-train", refused.version)
     assert not refused.is_champion and "a training stage ended worse than it started" in refused.reason
@@ -138,6 +140,10 @@ def test_a_model_that_got_worse_is_flagged_and_not_promoted_unless_allowed(smoke
     allowed = load_config(
         "lowlr", "smoke", {**smoke_overrides(Path(config.cache_dir).parent), "registry.promote_regressed": True}
     )
-    promoted = register.run(allowed, base.path, 0.4, data.data_hash, regressions=regressions)
+    # The refused weights again: registered already, their decision stands (`promote_regressed` decides a new version).
+    again = register.run(allowed, base.path, 0.4, data, regressions=regressions)
+    assert again.already_registered and again.version == refused.version and not again.is_champion
+    assert "a training stage ended worse than it started" in again.reason
+    promoted = register.run(allowed, rescaled(base.path, tmp_path / "other", 2.0), 0.4, data, regressions=regressions)
     assert promoted.is_champion and promoted.reason == "first version: no champion yet"
     assert client.get_model_version("post-train", promoted.version).tags["regressed"] == "true"

@@ -161,6 +161,7 @@ def test_evaluate_reports_win_rates_diagnostics_and_artifacts(smoke_stages, tune
     from mlflow import MlflowClient
 
     from tasks import evaluate
+    from tests.test_mlflow_ui import dataset_inputs, system_metric_keys
 
     config, data, base = smoke_stages
     tuned_path, _, _ = tuned_model
@@ -213,6 +214,9 @@ def test_evaluate_reports_win_rates_diagnostics_and_artifacts(smoke_stages, tune
     assert {"eval_samples.json", "win_rates.png", "diagnostics.png"} <= artifacts
     logged = client.get_run(result.run_id).data.metrics
     assert logged["lc_win_rate/all"] == pytest.approx(metrics["lc_win_rate/all"])
+    run = client.get_run(result.run_id)
+    assert dataset_inputs(run) == {"eval": (data.hashes["eval"], "evaluation", str(Path(data.eval).resolve()))}
+    assert system_metric_keys(run) == set()  # only the training stages sample the machine
 
 
 def test_the_vllm_backend_fails_clearly_when_vllm_is_missing(smoke_stages, tmp_path, monkeypatch):

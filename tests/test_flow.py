@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from post_train.config import ConfigError
 from post_train.data import DataError
 from tests.conftest import smoke_overrides
+from tests.test_mlflow_ui import dataset_inputs, system_metric_keys
 
 
 def runs_by_stage(client: MlflowClient, parent_id: str) -> dict[str, object]:
@@ -21,10 +22,13 @@ def runs_by_stage(client: MlflowClient, parent_id: str) -> dict[str, object]:
     return {run.data.tags["stage"]: run for run in children}
 
 
-def test_post_train_runs_end_to_end_and_registers_a_champion(prefect_server, workspace, mlflow_store):
+def test_post_train_runs_end_to_end_and_registers_a_champion(prefect_server, workspace, mlflow_store, monkeypatch):
     from flows.pipeline import post_train
 
-    summary = post_train(recipe="lowlr", scale="smoke", overrides=smoke_overrides(workspace))
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # smoke stages last seconds, not 10 s
+    # The smoke model is too small to beat the references: no quality floor here (tests/test_registry.py tests it).
+    overrides = {**smoke_overrides(workspace), "registry.min_win_rate": 0.0}
+    summary = post_train(recipe="lowlr", scale="smoke", overrides=overrides)
     client = MlflowClient(mlflow_store)
 
     champion = client.get_model_version_by_alias("post-train", "champion")
@@ -32,11 +36,25 @@ def test_post_train_runs_end_to_end_and_registers_a_champion(prefect_server, wor
     lock = yaml.safe_load((workspace / "repo" / "dvc.lock").read_text())
     assert champion.tags["data_hash"] == lock["stages"]["world@smoke"]["outs"][0]["md5"] == summary["data_hash"]
     assert champion.tags["recipe"] == "lowlr" and champion.tags["flow_run_id"] != "none"
+    assert champion.tags["base_model"] == summary["base_model"]["path"]
+    assert {"eval_hash", "judge_fingerprint", "tokenizer_sha256", "weights_sha256"} <= set(champion.tags)
 
     stages = runs_by_stage(client, summary["mlflow_run_id"])
     assert set(stages) == {"pretrain", "sft", "dpo", "evaluate", "register"}
     assert all(run.info.status == "FINISHED" for run in stages.values())
-    assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    # What the runs table shows: recipe, scale and model in the names; system metrics and datasets per stage.
+    assert parent.info.run_name.startswith("lowlr-smoke-tiny-llama-") and parent.data.tags["model"] == "tiny-llama"
+    assert {stage: run.info.run_name for stage, run in stages.items()} == {
+        stage: f"{stage} · lowlr · smoke" for stage in stages
+    }
+    assert {stage for stage, run in stages.items() if system_metric_keys(run)} == {"pretrain", "sft", "dpo"}
+    digests = {stage: {name: found[0] for name, found in dataset_inputs(run).items()} for stage, run in stages.items()}
+    world = lock["stages"]["world@smoke"]["outs"][0]["md5"]
+    assert digests["pretrain"] == {"world": world} and digests["register"] == {}
+    assert digests["sft"].keys() == {"sft", "eval"} and digests["dpo"].keys() == {"preferences"}
+    assert digests["evaluate"] == {"eval": digests["sft"]["eval"]}
 
     evaluation = stages["evaluate"].data.metrics
     for split in ("in_distribution", "held_out", "all"):
@@ -64,17 +82,23 @@ def test_post_train_runs_end_to_end_and_registers_a_champion(prefect_server, wor
     assert "- sft data: 64 of 64 rows used" in champion.description
 
     # A new DPO beta reuses the cached base and SFT models and reruns only DPO onwards.
-    again = post_train(
-        recipe="lowlr", scale="smoke", overrides={**smoke_overrides(workspace), "dpo.loss_params.beta": 0.2}
-    )
+    again = post_train(recipe="lowlr", scale="smoke", overrides={**overrides, "dpo.loss_params.beta": 0.2})
     assert again["base_model"]["cache_hit"] and again["base_model"]["path"] == summary["base_model"]["path"]
     assert again["sft"]["cache_hit"] and not again["dpo"]["cache_hit"]
-    assert again["model_version"] == "2"
+    assert again["model_version"] == "2" and again["registration"]["head_to_head"] is not None  # comparable with 1
     cached_sft = runs_by_stage(client, again["mlflow_run_id"])["sft"]
     assert cached_sft.data.tags["cache_hit"] == "true" and "loss_final" in cached_sft.data.metrics
     # No stage got worse (a flagged one would be named in the summary and not promoted), cached or not.
     assert summary["regressions"] == again["regressions"] == []
     assert cached_sft.data.tags["regressed"] == "false" == client.get_run(again["mlflow_run_id"]).data.tags["regressed"]
+
+    # The first run again: every stage from the cache, no head-to-head, and no second version of the same weights.
+    rerun = post_train(recipe="lowlr", scale="smoke", overrides=overrides)
+    assert rerun["dpo"]["cache_hit"] and rerun["model_version"] == "1"
+    assert rerun["registration"]["already_registered"] and rerun["registration"]["head_to_head"] is None
+    assert rerun["registration"]["reason"].startswith("already registered as version 1 (the same weights")
+    assert "head-to-head" not in runs_by_stage(client, rerun["mlflow_run_id"])
+    assert len(client.search_model_versions("name = 'post-train'")) == 2
 
 
 def test_a_diverging_stage_stops_the_run_unretried_and_registers_nothing(prefect_server, workspace, mlflow_store):

@@ -34,7 +34,7 @@ PROMPTS = 4  # evaluation prompts asked through MLflow: enough to meet different
 def registered(smoke_stages, mlflow_store):
     """The smoke base registered as version 1 of a fresh store (the champion), with the evaluation prompts."""
     config, data, base = smoke_stages
-    registration = register.run(config, base.path, 0.5, data.data_hash)
+    registration = register.run(config, base.path, 0.5, data)
     examples = load_dataset_checked(data.eval, "eval")[:PROMPTS]
     return config, base.path, registration, examples
 

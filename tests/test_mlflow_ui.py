@@ -193,3 +193,85 @@ def test_the_registered_champion_is_shown_with_its_alias_and_win_rate(mlflow_ser
     shot = chrome(f"--screenshot={screenshot}", profile="profile-shot")
     assert shot.returncode == 0, shot.stderr[-3000:]
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------- what the tracking store gives the UI
+
+
+def dataset_inputs(run) -> dict[str, tuple[str, str, str]]:
+    """A run's logged datasets: name → (digest, context, where it was read)."""
+    import json
+
+    found = {}
+    for logged in run.inputs.dataset_inputs:
+        source = json.loads(logged.dataset.source)
+        context = {tag.key: tag.value for tag in logged.tags}["mlflow.data.context"]
+        found[logged.dataset.name] = (logged.dataset.digest, context, source.get("uri") or source.get("path"))
+    return found
+
+
+def system_metric_keys(run) -> set[str]:
+    return {key for key in run.data.metrics if key.startswith("system/")}
+
+
+def test_the_experiment_opens_as_machine_learning_with_a_description(mlflow_store: str):
+    from mlflow import MlflowClient
+
+    from post_train.tracking import EXPERIMENT_KIND_TAG, experiment_id
+
+    client = MlflowClient(mlflow_store)
+    tags = client.get_experiment(experiment_id()).tags
+    assert tags[EXPERIMENT_KIND_TAG] == "custom_model_development"  # not the UI's GenAI (traces) view
+    assert "parent run" in tags["mlflow.note.content"] and "`stage`" in tags["mlflow.note.content"]
+    # A store made before the tags existed gets them; a kind chosen in the UI stays.
+    older = client.create_experiment("older")
+    client.set_experiment_tag(older, EXPERIMENT_KIND_TAG, "finetuning")
+    assert experiment_id("older") == older
+    tags = client.get_experiment(older).tags
+    assert tags[EXPERIMENT_KIND_TAG] == "finetuning" and "mlflow.note.content" in tags
+
+
+def test_runs_are_named_by_recipe_scale_and_model_and_training_stages_log_system_metrics(
+    mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+):
+    from mlflow import MlflowClient
+
+    from post_train.tracking import experiment_id, flow_run_name, model_short_name, stage_run
+
+    assert model_short_name("Qwen/Qwen2.5-0.5B") == "Qwen2.5-0.5B" and model_short_name("/models/mine/") == "mine"
+    assert flow_run_name("lowlr", "demo", model_short_name(None), "crimson-fox") == "lowlr-demo-tiny-llama-crimson-fox"
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # MLflow's default, 10 s, outlasts the test
+    client = MlflowClient(mlflow_store)
+    parent = client.create_run(experiment_id(), tags={"recipe": "lowlr", "scale": "smoke"}).info.run_id
+    with stage_run("sft", parent, system_metrics=True) as trained:
+        time.sleep(2)
+    with stage_run("evaluate", parent) as evaluated:
+        time.sleep(1)
+    with stage_run("sft", None) as alone:
+        pass
+    trained, evaluated = client.get_run(trained.info.run_id), client.get_run(evaluated.info.run_id)
+    assert trained.info.run_name == "sft · lowlr · smoke" and trained.data.tags["stage"] == "sft"
+    assert evaluated.info.run_name == "evaluate · lowlr · smoke"
+    assert client.get_run(alone.info.run_id).info.run_name == "sft"
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system_metric_keys(trained)
+    assert len(client.get_metric_history(trained.info.run_id, "system/cpu_utilization_percentage")) >= 2
+    assert system_metric_keys(evaluated) == set()
+
+
+@pytest.mark.parametrize("panels, rows, columns", [(6, 2, 3), (7, 3, 3), (3, 2, 2)])
+def test_training_curves_are_one_grid_readable_in_the_artifact_viewer(panels, rows, columns, mlflow_store: str):
+    import mlflow
+    from PIL import Image
+
+    from post_train.tracking import CURVE_PANEL_PX, log_curves, stage_run
+
+    keys = [f"metric_{index}" for index in range(panels)]
+    history = [{"step": step, **{key: step * (index + 1) for index, key in enumerate(keys)}} for step in range(1, 11)]
+    with stage_run("dpo", None) as run:
+        log_curves(history, keys, "dpo_curves.png", "DPO")
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="dpo_curves.png")
+    width, height = Image.open(path).size
+    assert (width, height) == (columns * CURVE_PANEL_PX[0], rows * CURVE_PANEL_PX[1])
+    assert CURVE_PANEL_PX[0] >= 400 and CURVE_PANEL_PX[1] >= 300
+    assert 1 / 1.5 <= width / height <= 2  # not a strip: 6 panels used to be 2400×320
