@@ -144,8 +144,8 @@ def test_a_two_arm_study_at_smoke_scale(prefect_server, workspace, mlflow_store,
     assert sorted((row["arm"], row["seed"]) for row in rows) == [
         ("baseline", 0),
         ("baseline", 1),
-        ("nll lowlr", 0),
-        ("nll lowlr", 1),
+        ("lowlr", 0),
+        ("lowlr", 1),
     ]
     for row in rows:
         samples = json.loads(Path(row["samples_path"]).read_text())
