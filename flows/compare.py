@@ -94,6 +94,46 @@ def compare_cell(
     return row
 
 
+def run_cells(
+    cells: list[tuple[Cell, PipelineConfig]],
+    base_model_path: str,
+    data: PreparedData,
+    out: Path,
+    parent_run_id: str,
+    force: bool,
+    parallelism: int,
+) -> list[dict[str, Any]]:
+    """`compare_cell` for every cell, `parallelism` at a time, rows in the cells' order; when some fail, the others
+    still finish (their stages stay cached) and the first failure is raised."""
+    logger = get_run_logger()
+    rows, failures = [], []
+    with ThreadPoolTaskRunner(max_workers=parallelism) as runner:
+        futures = [
+            runner.submit(
+                compare_cell,
+                {
+                    "cell": cell,
+                    "config": config,
+                    "base_model_path": base_model_path,
+                    "data": data,
+                    "run_dir": str(out / "cells" / cell.slug),
+                    "parent_run_id": parent_run_id,
+                    "force": force,
+                },
+            )
+            for cell, config in cells
+        ]
+        for (cell, _), future in zip(cells, futures):
+            try:
+                rows.append(future.result())
+            except Exception as error:
+                logger.error("cell %s failed: %s", cell.name, error)
+                failures.append(error)
+    if failures:
+        raise failures[0]
+    return rows
+
+
 @flow(name="compare", log_prints=True)
 def compare(
     recipe: str = "baseline",
@@ -160,31 +200,7 @@ def compare(
         data = stages.prepare(base, RunContext(str(out), parent_id, force))
         client.set_tag(parent_id, "data_hash", data.data_hash)
         base_model = stages.base_model(base, RunContext(str(out), parent_id, force), data=data)
-        rows, failures = [], []
-        with ThreadPoolTaskRunner(max_workers=parallelism) as runner:
-            futures = [
-                runner.submit(
-                    compare_cell,
-                    {
-                        "cell": cell,
-                        "config": config,
-                        "base_model_path": base_model.path,
-                        "data": data,
-                        "run_dir": str(out / "cells" / cell.slug),
-                        "parent_run_id": parent_id,
-                        "force": force,
-                    },
-                )
-                for cell, config in grid.cells
-            ]
-            for (cell, _), future in zip(grid.cells, futures):
-                try:
-                    rows.append(future.result())
-                except Exception as error:  # the other cells still finish; their stages stay cached
-                    logger.error("cell %s failed: %s", cell.name, error)
-                    failures.append(error)
-        if failures:
-            raise failures[0]
+        rows = run_cells(grid.cells, base_model.path, data, out, parent_id, force, parallelism)
 
         files = {"csv": comparison.write_csv(rows, out / "results.csv")}
         markdown = comparison.markdown_table(rows)

@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import stages
-from flows.compare import compare_cell
+from flows.compare import run_cells
 from post_train import study
 from post_train.config import PipelineConfig
 from post_train.results import PreparedData
@@ -90,31 +90,7 @@ def run_study(
         context = RunContext(str(out), parent_id, force)
         data = stages.prepare(plan.base, context)
         base_model = stages.base_model(plan.base, context, data=data)
-        rows, failures = [], []
-        with ThreadPoolTaskRunner(max_workers=spec.parallelism) as runner:
-            futures = [
-                runner.submit(
-                    compare_cell,
-                    {
-                        "cell": cell,
-                        "config": config,
-                        "base_model_path": base_model.path,
-                        "data": data,
-                        "run_dir": str(out / "cells" / cell.slug),
-                        "parent_run_id": parent_id,
-                        "force": force,
-                    },
-                )
-                for cell, config in plan.cells
-            ]
-            for (cell, _), future in zip(plan.cells, futures):
-                try:
-                    rows.append(future.result())
-                except Exception as error:  # the other cells still finish; their stages stay cached
-                    logger.error("cell %s failed: %s", cell.name, error)
-                    failures.append(error)
-        if failures:
-            raise failures[0]
+        rows = run_cells(plan.cells, base_model.path, data, out, parent_id, force, spec.parallelism)
         configs = {(cell.arm, cell.seed): config for cell, config in plan.cells}
         pairs = study.head_to_head_pairs(spec, rows)
         with ThreadPoolTaskRunner(max_workers=spec.parallelism) as runner:
