@@ -205,6 +205,19 @@ class SFTConfig(PromptCompletionConfig):
     rollout_steps: int = Field(
         default=8, ge=1, description="Objectives with an old policy (psft): optimizer steps per old-policy snapshot, K."
     )
+    kl_budget: float | None = Field(
+        default=None,
+        gt=0,
+        description="Nats per token: scale the learning rate so the KL to the base measured every diagnostics_every "
+        "steps tracks this budget (post_train.kl_budget); null: the schedule's learning rate as it is.",
+    )
+    kl_budget_metric: Literal["kl_to_base", "native_kl_to_base"] = Field(
+        default="kl_to_base",
+        description="The KL the budget holds: on held-out responses, or (demo world) on the base's own terse format.",
+    )
+    kl_budget_gain: float = Field(
+        default=1.0, gt=0, description="How far one measurement moves log(lr) at most (the controller's gain)."
+    )
 
     @field_validator("objective")
     @classmethod
@@ -552,6 +565,15 @@ class PipelineConfig(StrictModel):
         unset = {name: value for name, value in defaults.items() if getattr(self.evaluation, name) is None}
         if unset:  # the model is frozen once built; this is still its construction
             object.__setattr__(self, "evaluation", self.evaluation.model_copy(update=unset))
+        return self
+
+    @model_validator(mode="after")
+    def _kl_budget_measurable(self) -> "PipelineConfig":
+        if self.sft.kl_budget is not None and self.sft.kl_budget_metric == "native_kl_to_base" and not self.data.world:
+            raise ValueError(
+                "sft.kl_budget_metric native_kl_to_base is measured on the demo world's terse format only; "
+                "without data.world use kl_to_base"
+            )
         return self
 
     @model_validator(mode="after")

@@ -308,9 +308,15 @@ def grid_shape(panels: int) -> tuple[int, int]:
     return math.ceil(panels / columns), columns
 
 
-def log_curves(history: list[dict[str, float]], keys: list[str], name: str, title: str) -> None:
+def log_curves(
+    history: list[dict[str, float]],
+    keys: list[str],
+    name: str,
+    title: str,
+    lines: dict[str, tuple[float, str]] | None = None,
+) -> None:
     """A PNG with one panel per metric against the optimizer step, in a `grid_shape` grid of `CURVE_PANEL_PX`
-    panels (rank 0 only)."""
+    panels (rank 0 only); `lines` draws a labelled horizontal line (a target) on a metric's panel."""
     if not is_main_process():
         return
     keys = [key for key in keys if any(key in entry for entry in history)]
@@ -324,6 +330,10 @@ def log_curves(history: list[dict[str, float]], keys: list[str], name: str, titl
     for axis, key in zip(axes.flat, keys):
         points = [(entry["step"], entry[key]) for entry in history if key in entry]
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
+        if lines and key in lines:
+            level, label = lines[key]
+            axis.axhline(level, color="tab:red", linestyle="--", label=f"{label} {level:g}")
+            axis.legend(loc="best")
         axis.set_title(key)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)

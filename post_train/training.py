@@ -4,6 +4,8 @@ Stages differ only in `step_fn`, which turns a micro-batch into a *summed* loss 
 units (tokens for SFT, pairs for DPO). The loop divides by the unit count of the whole
 optimizer step across micro-batches and processes, so gradient accumulation and data
 parallelism give the gradient of the global token (or pair) mean, not a mean of means.
+A micro-batch made of several parts (joint SFT+DPO: demonstrations and pairs) counts its units
+per part, and the step's loss is the weighted sum of each part's global mean.
 
 It runs unchanged on one process, under `accelerate launch` with DDP, FSDP or DeepSpeed
 ZeRO-3, and on several nodes. With `checkpoint_dir` and `checkpoint_every`, it saves its
@@ -32,7 +34,7 @@ from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -47,17 +49,39 @@ from post_train.errors import TrainingDiverged
 
 @dataclass
 class StepOutput:
-    loss_sum: torch.Tensor
-    """The objective summed over the micro-batch's units; differentiable."""
+    loss_sum: torch.Tensor | dict[str, torch.Tensor]
+    """The objective summed over the micro-batch's units; differentiable. For a batch of parts (its `num_units` a
+    mapping), one sum per part."""
     metric_sums: dict[str, float | torch.Tensor] = field(default_factory=dict)
     """Other per-unit quantities summed over the micro-batch, logged as global means (detached tensors are
-    read only when the step is logged, so a step needs no host sync for them)."""
+    read only when the step is logged, so a step needs no host sync for them); in a batch of parts, a name
+    `<part>/...` is a mean over that part's units."""
 
 
 StepFn = Callable[[torch.nn.Module, dict[str, Any]], StepOutput]
 RolloutFn = Callable[[torch.nn.Module, list[list[dict[str, Any]]]], None]
 LogFn = Callable[[dict[str, float], int], None]
 DiagnosticsFn = Callable[[torch.nn.Module], dict[str, float]]
+
+WHOLE = ""
+"""The one part of a batch whose `num_units` is a plain count."""
+
+
+def by_part(value: Any) -> dict[str, Any]:
+    """A batch's `num_units` (or a step's `loss_sum`) as a mapping from part to value."""
+    return dict(value) if isinstance(value, dict) else {WHOLE: value}
+
+
+class LearningRateControl(Protocol):
+    """Scales the schedule's learning rate from what the diagnostics measure (`post_train.kl_budget`)."""
+
+    multiplier: float
+
+    def observe(self, diagnostics: dict[str, float]) -> None: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def load(self, state: dict[str, Any]) -> None: ...
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
@@ -184,6 +208,8 @@ def train(
     diagnostics_every: int = 0,
     before_rollout: RolloutFn | None = None,
     rollout_steps: int = 1,
+    part_weights: Mapping[str, float] | None = None,
+    lr_control: LearningRateControl | None = None,
     description: str = "train",
     checkpoint_dir: Path | str | None = None,
     checkpoint_every: int = 0,
@@ -199,6 +225,9 @@ def train(
     boundary at least `checkpoint_every` steps after the last save, and a run that finds a
     complete save there continues from it (the metrics logged before it are passed to
     `on_log` again, so a new tracking run holds the whole curve).
+
+    `part_weights` weighs the parts of a batch of parts (default 1 each). `lr_control`, consulted after each
+    diagnostics run, scales the scheduled learning rate by its `multiplier` from the next step on.
     """
     torch.manual_seed(config.seed)
     loader = shuffled_loader(dataset, collate, config)
@@ -227,6 +256,7 @@ def train(
     # Not passed to accelerator.prepare: it would step the schedule once per process.
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
 
+    weights = dict(part_weights or {})
     history: list[dict[str, float]] = []
     batches = _endless(loader)
     first_step = 1
@@ -239,6 +269,8 @@ def train(
             accelerator.load_state(str(resumed))
             scheduler.load_state_dict(state["scheduler"])
             guard.level = state["loss_level"]
+            if lr_control is not None:
+                lr_control.load(state["lr_control"])
             history = state["history"]
             first_step = state["step"] + 1
             for _ in range(state["step"] * accumulation):  # the same batches, in the same order, as before the save
@@ -258,11 +290,19 @@ def train(
             if before_rollout is not None:
                 before_rollout(model, rollout)
         group = rollout.pop(0)
-        local_units = sum(int(batch["num_units"]) for batch in group)
-        global_units = accelerator.reduce(torch.tensor(local_units, device=accelerator.device), "sum").item()
+        local_units: dict[str, int] = defaultdict(int)
+        for batch in group:
+            for part, count in by_part(batch["num_units"]).items():
+                local_units[part] += int(count)
+        parts = sorted(local_units)
+        counted = accelerator.reduce(torch.tensor([local_units[p] for p in parts], device=accelerator.device), "sum")
+        global_units = {part: max(int(count), 1) for part, count in zip(parts, counted.tolist())}
         # Each process's summed loss x processes / global units: DDP's gradient averaging over
         # processes then gives the gradient of the global token (or pair) mean.
-        scale = accelerator.num_processes / max(global_units, 1) * (accumulation if deepspeed else 1)
+        scales = {
+            part: weights.get(part, 1.0) * accelerator.num_processes / units * (accumulation if deepspeed else 1)
+            for part, units in global_units.items()
+        }
         sums: dict[str, float | torch.Tensor] = defaultdict(float)
         step_tokens = 0
         for index, batch in enumerate(group):
@@ -271,19 +311,28 @@ def train(
                 accelerator.gradient_state._set_sync_gradients(is_last)
             with nullcontext() if is_last else accelerator.no_sync(model):
                 out = step_fn(model, batch)
-                accelerator.backward(out.loss_sum * scale)
-            sums["loss"] += out.loss_sum.detach()
+                losses = by_part(out.loss_sum)
+                accelerator.backward(sum(scales[part] * loss for part, loss in losses.items()))
+            for part, loss in losses.items():
+                sums[_loss_name(part)] += loss.detach()
             for name, value in out.metric_sums.items():
                 sums[name] += value
             step_tokens += batch["num_tokens"]
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         # One host sync per step: every process gets the same global loss and norm, so all stop together.
-        checked = [accelerator.reduce(torch.as_tensor(sums["loss"], dtype=torch.float64).to(accelerator.device), "sum")]
+        weighted = sum(
+            weights.get(part, 1.0) * torch.as_tensor(sums[_loss_name(part)], dtype=torch.float64) / global_units[part]
+            for part in parts
+        )
+        checked = [accelerator.reduce(weighted.to(accelerator.device), "sum")]
         if grad_norm is not None:  # DeepSpeed clips inside its own step and reports no norm here
             checked.append(torch.as_tensor(grad_norm, dtype=torch.float64).to(accelerator.device))
         step_loss, *step_norm = torch.stack(checked).tolist()
-        guard.check(step, step_loss / max(global_units, 1), step_norm[0] if step_norm else None)
-        learning_rate = scheduler.get_last_lr()[0]
+        guard.check(step, step_loss, step_norm[0] if step_norm else None)
+        if lr_control is not None:
+            for group_settings, scheduled in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group_settings["lr"] = scheduled * lr_control.multiplier
+        learning_rate = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -295,7 +344,10 @@ def train(
             names = sorted(sums)
             local = torch.stack([torch.as_tensor(sums[n], dtype=torch.float64).to(accelerator.device) for n in names])
             totals = accelerator.reduce(local, "sum")
-            metrics = {name: value / max(global_units, 1) for name, value in zip(names, totals.tolist())}
+            metrics = {
+                name: value / global_units[_part_of(name, global_units)] for name, value in zip(names, totals.tolist())
+            }
+            metrics["loss"] = step_loss
             metrics["learning_rate"] = learning_rate
             metrics["grad_norm"] = step_norm[0] if step_norm else float("nan")
             elapsed = time.perf_counter() - started
@@ -304,6 +356,10 @@ def train(
                 # The prepared model, on every process: under FSDP the unwrapped module holds only a shard.
                 metrics.update(diagnostics(model))
                 model.train()
+                if lr_control is not None:  # every process measured the same model: the multipliers agree
+                    lr_control.observe(metrics)
+            if lr_control is not None:
+                metrics["lr_multiplier"] = lr_control.multiplier
             metrics["step"] = step
             history.append(metrics)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
@@ -314,12 +370,28 @@ def train(
                 accelerator,
                 checkpoints,
                 step,
-                {"history": history, "scheduler": scheduler.state_dict(), "loss_level": guard.level},
+                {
+                    "history": history,
+                    "scheduler": scheduler.state_dict(),
+                    "loss_level": guard.level,
+                    "lr_control": lr_control.state() if lr_control is not None else None,
+                },
             )
             last_saved = step
     progress.close()
     model.eval()
     return history
+
+
+def _loss_name(part: str) -> str:
+    """A part's summed loss is logged as `<part>/loss` (its mean); the step's weighted total as `loss`."""
+    return f"{part}/loss" if part else "loss"
+
+
+def _part_of(metric: str, global_units: Mapping[str, int]) -> str:
+    """The part whose units a summed metric is a mean over: its name's first segment, when that is a part."""
+    head = metric.partition("/")[0]
+    return head if head in global_units else next(iter(global_units))
 
 
 TRAINER_STATE = "trainer_state.json"

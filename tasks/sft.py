@@ -31,6 +31,7 @@ from post_train.data import (
     sft_rows,
 )
 from post_train.evaluation import is_world_prompt, native_batch, spread
+from post_train.kl_budget import KLBudget
 from post_train.modeling import (
     batch_collate,
     entropy_and_kl_of_batch,
@@ -57,7 +58,16 @@ from post_train.training import (
     train,
 )
 
-SFT_CURVES = ["loss", "mean_token_weight", "kl_to_base", "native_kl_to_base", "entropy", "learning_rate", "grad_norm"]
+SFT_CURVES = [
+    "loss",
+    "mean_token_weight",
+    "kl_to_base",
+    "native_kl_to_base",
+    "entropy",
+    "learning_rate",
+    "lr_multiplier",
+    "grad_norm",
+]
 
 
 def held_out_batch(tokenizer, examples: list[EvalExample], size: int, max_length: int, device) -> dict[str, Any]:
@@ -175,6 +185,16 @@ def run(
         tokenizer, eval_examples, settings.diagnostics_batch_size, settings.max_length, accelerator.device
     )
     native = native_held_out_batch(tokenizer, eval_examples, settings.diagnostics_batch_size, accelerator.device)
+    if settings.kl_budget_metric == "native_kl_to_base" and settings.kl_budget is not None and native is None:
+        raise DataError(
+            f"{data.eval}: sft.kl_budget_metric native_kl_to_base needs every evaluation prompt to be a demo-world "
+            "task; use kl_to_base"
+        )
+    kl_budget = (
+        KLBudget(settings.kl_budget, settings.kl_budget_metric, settings.kl_budget_gain)
+        if settings.kl_budget is not None
+        else None
+    )
 
     def drift_from_base(trained: torch.nn.Module) -> dict[str, float]:
         measured = entropy_and_kl_of_batch(trained, base, diagnostics_batch)
@@ -209,15 +229,24 @@ def run(
             diagnostics_every=settings.diagnostics_every,
             before_rollout=old_policy_snapshot(settings.fused_logprobs) if objective.needs_old else None,
             rollout_steps=rollout_steps,
+            lr_control=kl_budget,
             description=f"sft ({settings.objective})",
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=config.compute.checkpoint_every,
             gradient_checkpointing=config.compute.gradient_checkpointing,
         )
         path = save_checkpoint(accelerator, model, tokenizer, Path(output_dir) / "model")
-        log_curves(
-            history, SFT_CURVES, "sft_curves.png", f"SFT with {settings.objective}, lr {settings.learning_rate:g}"
-        )
+        title = f"SFT with {settings.objective}, lr {settings.learning_rate:g}"
+        if kl_budget is not None:
+            title += f", KL budget {kl_budget.budget:g} on {kl_budget.metric}"
+            log_curves(
+                history,
+                [kl_budget.metric, "lr_multiplier", "learning_rate"],
+                "kl_budget.png",
+                title,
+                lines={kl_budget.metric: (kl_budget.budget, "budget")},
+            )
+        log_curves(history, SFT_CURVES, "sft_curves.png", title)
         final = history[-1]
         metrics = {
             "loss_first": history[0]["loss"],
@@ -227,6 +256,9 @@ def run(
         }
         if "native_kl_to_base" in final:
             metrics["native_kl_to_base_final"] = final["native_kl_to_base"]
+        if kl_budget is not None:
+            metrics["kl_budget"] = kl_budget.budget
+            metrics["lr_multiplier_final"] = kl_budget.multiplier
         if main:
             mlflow.log_metrics(metrics)
         result = TrainedModel(path=str(path), metrics={**metrics, **examples.report.metrics()}, run_id=run.info.run_id)
