@@ -27,6 +27,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import stages
+from flows.pipeline import post_train_and_evaluate
 from post_train import comparison
 from post_train.comparison import Cell
 from post_train.config import PipelineConfig
@@ -50,7 +51,7 @@ def compare_cell(
     parent_run_id: str,
     force: bool = False,
 ) -> dict[str, Any]:
-    """SFT → DPO → evaluate for one cell under its own MLflow run; returns the cell's table row."""
+    """SFT → DPO (or the joint pipeline) → evaluate for one cell under its own MLflow run; returns its table row."""
     client = MlflowClient(tracking_uri())
     run_id = client.create_run(
         experiment_id(),
@@ -68,23 +69,16 @@ def compare_cell(
     )
     try:
         context = RunContext(run_dir, run_id, force)
-        sft = stages.sft(config, context, base_model_path=base_model_path, data=data)
-        dpo = stages.dpo(config, context, sft_model_path=sft.path, data=data)
-        evaluation = stages.evaluate(
-            config,
-            context,
-            model_path=dpo.path,
-            data=data,
-            reference_model_path=sft.path,
-            base_model_path=base_model_path,
-        )
+        trained = post_train_and_evaluate(config, context, base_model_path, data)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
+    evaluation = trained.evaluation
+    sft_metrics = trained.sft.metrics if trained.sft is not None else {}
     row = comparison.result_row(
-        cell, evaluation.metrics, sft.metrics, dpo.metrics, run_id, samples_path=evaluation.samples_path
+        cell, evaluation.metrics, sft_metrics, trained.final.metrics, run_id, samples_path=evaluation.samples_path
     )
-    row["model_path"] = dpo.path
+    row["model_path"] = trained.final.path
     log_params_and_metrics(
         client,
         run_id,

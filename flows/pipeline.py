@@ -1,5 +1,7 @@
 """The `post-train` flow: prepare → base model → SFT → DPO → evaluate → fetch-champion → (head-to-head) → register.
 
+With `pipeline: joint`, SFT → DPO is (an SFT warm-up →) the joint stage.
+
 Composition only: each stage is a task of `flows/stages.py`. The flow validates its inputs
 (`post_train.validate`: configuration, model, data, judge, outputs) before any work, opens the
 parent MLflow run the stages' runs hang under, and returns (and prints) a summary.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from prefect.runtime import flow_run
 from flows import stages
 from post_train.config import PipelineConfig
 from post_train.data import data_counts
-from post_train.results import Champion, Evaluation, HeadToHead, Registration
+from post_train.results import Champion, Evaluation, HeadToHead, PreparedData, Registration, TrainedModel
 from post_train.run_summary import head_to_head_rows, mlflow_run_url, model_version_url, win_rate_rows
 from post_train.stages import RunContext
 from post_train.tracking import (
@@ -39,6 +42,41 @@ WIN_RATES_ARTIFACT = "post-train-win-rates"
 MLFLOW_RUN_ARTIFACT = "post-train-mlflow-run"
 MODEL_VERSION_ARTIFACT = "post-train-model-version"
 """Artifact keys: Prefect keeps every flow run's artifact under its key, the latest first."""
+
+
+@dataclass(frozen=True)
+class PostTrained:
+    """What the training stages after pretraining made, and its evaluation."""
+
+    sft: TrainedModel | None
+    """The SFT stage's model; None when the joint stage starts from the base."""
+    final: TrainedModel
+    final_stage: str
+    """`dpo`, or `joint`."""
+    evaluation: Evaluation
+
+
+def post_train_and_evaluate(
+    config: PipelineConfig, context: RunContext, base_model_path: str, data: PreparedData
+) -> PostTrained:
+    """SFT then DPO, or (`pipeline: joint`) the SFT warm-up if `joint.start` is `sft`, then the joint stage; then
+    the final model's evaluation, its diagnostics against the SFT model when there is one and the base."""
+    run = config.stages_run()
+    sft = stages.sft(config, context, base_model_path=base_model_path, data=data) if "sft" in run else None
+    start = sft.path if sft is not None else base_model_path
+    if "joint" in run:
+        final, final_stage = stages.joint(config, context, start_model_path=start, data=data), "joint"
+    else:
+        final, final_stage = stages.dpo(config, context, sft_model_path=start, data=data), "dpo"
+    evaluation = stages.evaluate(
+        config,
+        context,
+        model_path=final.path,
+        data=data,
+        reference_model_path=sft.path if sft is not None else None,
+        base_model_path=base_model_path,
+    )
+    return PostTrained(sft, final, final_stage, evaluation)
 
 
 def _run_directory(runs_dir: str, recipe: str, run_name: str) -> Path:
@@ -118,31 +156,26 @@ def post_train(
         data = stages.prepare(config, context)
         client.set_tag(parent_id, "data_hash", data.data_hash)
         base = stages.base_model(config, context, data=data)
-        sft = stages.sft(config, context, base_model_path=base.path, data=data)
-        dpo = stages.dpo(config, context, sft_model_path=sft.path, data=data)
-        evaluation = stages.evaluate(
-            config, context, model_path=dpo.path, data=data, reference_model_path=sft.path, base_model_path=base.path
-        )
-        champion = stages.fetch_champion(config, context, model_path=dpo.path, data=data)
+        trained = post_train_and_evaluate(config, context, base.path, data)
+        sft, final, evaluation = trained.sft, trained.final, trained.evaluation
+        champion = stages.fetch_champion(config, context, model_path=final.path, data=data)
         # No head-to-head against a champion the model cannot replace (not comparable) or when it is registered already.
         comparison = (
-            stages.head_to_head(config, context, candidate_path=dpo.path, baseline_path=champion.path, data=data)
+            stages.head_to_head(config, context, candidate_path=final.path, baseline_path=champion.path, data=data)
             if champion is not None and champion.needs_head_to_head
             else None
         )
         # The stages that made the model, each flagged when it ended worse than it started.
-        regressions = [
-            f"{stage}: {regression}"
-            for stage, trained in (("pretrain", base), ("sft", sft), ("dpo", dpo))
-            for regression in trained.regressions
-        ]
+        made_by = [(name, model) for name, model in (("pretrain", base), ("sft", sft)) if model is not None]
+        made_by.append((trained.final_stage, final))
+        regressions = [f"{stage}: {regression}" for stage, model in made_by for regression in model.regressions]
         for tag, value in regression_tags(regressions).items():
             client.set_tag(parent_id, tag, value)
-        counts = {**data_counts(sft.metrics), **data_counts(dpo.metrics)}
+        counts = {**(data_counts(sft.metrics) if sft is not None else {}), **data_counts(final.metrics)}
         registration = stages.register(
             config,
             context,
-            model_path=dpo.path,
+            model_path=final.path,
             win_rate=evaluation.win_rate,
             data=data,
             flow_run_id=str(flow_run.get_id()),
@@ -168,8 +201,9 @@ def post_train(
         "scale": config.scale,
         "data_hash": data.data_hash,
         "base_model": {"path": base.path, "cache_hit": base.cache_hit, **base.metrics},
-        "sft": {**sft.metrics, "cache_hit": sft.cache_hit},
-        "dpo": {**dpo.metrics, "cache_hit": dpo.cache_hit},
+        "pipeline": config.pipeline,
+        "sft": {**sft.metrics, "cache_hit": sft.cache_hit} if sft is not None else None,
+        trained.final_stage: {**final.metrics, "cache_hit": final.cache_hit},
         "evaluation": evaluation.metrics,
         "mlflow_run_uri": f"runs:/{parent_id}",
         "mlflow_run_id": parent_id,

@@ -16,6 +16,7 @@ from post_train.stages import (
     EVALUATE,
     FETCH_CHAMPION,
     HEAD_TO_HEAD,
+    JOINT,
     PREPARE,
     PRETRAIN,
     REGISTER,
@@ -80,6 +81,7 @@ def stage_task(stage: Stage, name: str | None = None):
 prepare = stage_task(PREPARE)
 sft = stage_task(SFT)
 dpo = stage_task(DPO)
+joint = stage_task(JOINT)
 evaluate = stage_task(EVALUATE)
 fetch_champion = stage_task(FETCH_CHAMPION)
 head_to_head = stage_task(HEAD_TO_HEAD)

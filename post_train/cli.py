@@ -17,6 +17,25 @@ def _percent(value: Any) -> str:
     return "  n/a" if value is None or value != value else f"{100 * value:5.1f}"
 
 
+def _training_lines(summary: dict[str, Any]) -> list[str]:
+    """The SFT stage's line (absent when the joint stage started from the base), then DPO's or the joint stage's."""
+    lines = []
+    sft = summary.get("sft")
+    if sft:
+        lines.append(
+            f"  SFT loss             {sft['loss_first']:.4f} -> {sft['loss_final']:.4f}"
+            f"   KL to base {sft['kl_to_base_final']:.4f}   entropy {sft['entropy_final']:.4f}"
+        )
+    final = summary.get("joint") or summary["dpo"]
+    name = "joint loss" if "joint" in summary else "DPO loss"
+    line = f"  {name:<21}{final['loss_first']:.4f} -> {final['loss_final']:.4f}"
+    if "joint" in summary:
+        line += f"   (SFT part {final['sft_loss_final']:.4f}, DPO part {final['dpo_loss_final']:.4f})"
+    accuracy, margin = final["rewards/accuracies_final"], final["rewards/margins_final"]
+    lines.append(f"{line}   reward accuracy {accuracy:.2f}   margin {margin:.3f}")
+    return lines
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     from post_train.data import describe_counts
     from post_train.evaluation import splits_in  # imports torch: not for `post-train --help`
@@ -30,11 +49,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         *(f"  {dataset + ' data':<21}{counts}" for dataset, counts in describe_counts(summary.get("data") or {})),
         f"  base model           {summary['base_model']['path']}"
         + ("  (cached)" if summary["base_model"]["cache_hit"] else ""),
-        f"  SFT loss             {summary['sft']['loss_first']:.4f} -> {summary['sft']['loss_final']:.4f}"
-        f"   KL to base {summary['sft']['kl_to_base_final']:.4f}   entropy {summary['sft']['entropy_final']:.4f}",
-        f"  DPO loss             {summary['dpo']['loss_first']:.4f} -> {summary['dpo']['loss_final']:.4f}"
-        f"   reward accuracy {summary['dpo']['rewards/accuracies_final']:.2f}"
-        f"   margin {summary['dpo']['rewards/margins_final']:.3f}",
+        *_training_lines(summary),
         f"  win rate vs reference ({judge} judge, %): raw ± s.e. [95% bootstrap CI], discrete, length-controlled",
     ]
     for split in splits_in(evaluation):

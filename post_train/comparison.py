@@ -115,7 +115,7 @@ def cell_config(cell: Cell, base: PipelineConfig) -> PipelineConfig:
         learning_rate=cell.learning_rate,
         seed=cell.seed,
     )
-    data["dpo"]["seed"] = cell.seed
+    data["dpo"]["seed"] = data["joint"]["seed"] = cell.seed
     return validate_config(data, f"compare: invalid grid cell {cell.name} (recipe {base.recipe} at scale {base.scale})")
 
 

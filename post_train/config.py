@@ -249,6 +249,26 @@ class DPOConfig(PromptCompletionConfig):
         return self
 
 
+class JointConfig(PromptCompletionConfig):
+    """`pipeline: joint`: one stage trains on demonstrations with the SFT objective (`sft.objective`) and on pairs
+    with the preference loss (`dpo.loss`) at once, in place of DPO after SFT (tasks/joint.py)."""
+
+    learning_rate: float = Field(default=2e-4, gt=0)
+    sft_weight: float = Field(default=1.0, ge=0, description="Weight of the SFT objective's token mean.")
+    dpo_weight: float = Field(default=1.0, ge=0, description="Weight of the preference loss's pair mean.")
+    start: Literal["sft", "base"] = Field(
+        default="sft",
+        description="The model the joint stage starts from and holds as its reference: the SFT stage's (in a joint "
+        "recipe a short warm-up, sft.max_steps), or the base model, the SFT stage then not run.",
+    )
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "JointConfig":
+        if self.sft_weight == 0 and self.dpo_weight == 0:
+            raise ValueError("joint.sft_weight and joint.dpo_weight are both 0: nothing to train on")
+        return self
+
+
 class EvaluationSettings(StrictModel):
     """`evaluation` but the judges' sections, which `EvaluationConfig` adds: one per entry of `JUDGES`."""
 
@@ -374,7 +394,7 @@ def _inside(path: str, root: str) -> bool:
     return Path(path).is_absolute() and Path(path).resolve().is_relative_to(Path(root).resolve())
 
 
-STAGES = ("pretrain", "sft", "dpo", "evaluate", "head-to-head")
+STAGES = ("pretrain", "sft", "dpo", "joint", "evaluate", "head-to-head")
 """The stages that run as commands somewhere (`compute.stages.<stage>` places one of them)."""
 
 
@@ -541,6 +561,11 @@ class PipelineConfig(StrictModel):
     data: DataConfig = DataConfig()
     sft: SFTConfig
     dpo: DPOConfig
+    pipeline: Literal["sequential", "joint"] = Field(
+        default="sequential",
+        description="sequential: SFT, then DPO; joint: (an optional SFT warm-up, then) SFT and DPO in one stage.",
+    )
+    joint: JointConfig = JointConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     registry: RegistryConfig = RegistryConfig()
     compute: ComputeConfig = ComputeConfig()
@@ -567,6 +592,12 @@ class PipelineConfig(StrictModel):
             object.__setattr__(self, "evaluation", self.evaluation.model_copy(update=unset))
         return self
 
+    def stages_run(self) -> tuple[str, ...]:
+        """The training stages after pretraining that this configuration runs, in order."""
+        if self.pipeline == "sequential":
+            return ("sft", "dpo")
+        return ("sft", "joint") if self.joint.start == "sft" else ("joint",)
+
     @model_validator(mode="after")
     def _kl_budget_measurable(self) -> "PipelineConfig":
         if self.sft.kl_budget is not None and self.sft.kl_budget_metric == "native_kl_to_base" and not self.data.world:
@@ -592,10 +623,13 @@ class PipelineConfig(StrictModel):
         for stage, name, train in (
             ("sft", "sft", self.sft),
             ("dpo", "dpo", self.dpo),
+            ("joint", "joint", self.joint),
             ("pretrain", "base_model.train", self.base_model.train),
         ):
             if stage == "pretrain" and self.model.name_or_path is not None:
                 continue  # no pretraining stage
+            if stage not in self.stages_run():
+                continue
             placed = compute.for_stage(stage)
             processes = placed.training_processes
             if train.batch_size % (train.micro_batch_size * processes):

@@ -105,6 +105,23 @@ DPO = Stage(
         "preference_data": a["data"].hashes["preferences"],
     },
 )
+JOINT = Stage(
+    "joint",
+    "tasks.joint",
+    distributed=True,
+    key=lambda config, a: {
+        "joint": config.joint.model_dump(mode="json"),
+        "sft_objective": config.sft.objective,
+        "sft_objective_params": config.sft.objective_params,
+        "rollout_steps": config.sft.rollout_steps,
+        "dpo_loss": config.dpo.loss,
+        "dpo_loss_params": config.dpo.loss_params,
+        "mixed_precision": config.mixed_precision,
+        "start_model": model_fingerprint(a["start_model_path"]),
+        "sft_data": a["data"].hashes["sft"],
+        "preference_data": a["data"].hashes["preferences"],
+    },
+)
 EVALUATE = Stage(
     "evaluate",
     "tasks.evaluate",
@@ -131,7 +148,7 @@ HEAD_TO_HEAD = Stage(
 )
 REGISTER = Stage("register", "tasks.register", retry_delays=(5, 30))
 
-STAGE_DECLARATIONS = (PREPARE, PRETRAIN, SFT, DPO, EVALUATE, FETCH_CHAMPION, HEAD_TO_HEAD, REGISTER)
+STAGE_DECLARATIONS = (PREPARE, PRETRAIN, SFT, DPO, JOINT, EVALUATE, FETCH_CHAMPION, HEAD_TO_HEAD, REGISTER)
 
 
 def _context_arguments(function: Callable[..., Any], context: RunContext, output_dir: Path) -> dict[str, Any]:

@@ -161,7 +161,7 @@ def plan_study(spec: StudySpec, overrides: dict[str, Any] | None = None) -> Stud
         for seed in spec.seeds:
             cell = Cell(config.sft.objective, config.sft.learning_rate, seed, arm=name)
             data = config.model_dump(mode="json")
-            data["sft"]["seed"] = data["dpo"]["seed"] = seed
+            data["sft"]["seed"] = data["dpo"]["seed"] = data["joint"]["seed"] = seed
             cells.append((cell, validate_config(data, f"study: invalid cell {cell.name}")))
     return StudyPlan(spec, base, cells, threads)
 

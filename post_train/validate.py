@@ -8,6 +8,7 @@ here, before any MLflow run, run directory or stage.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -177,10 +178,20 @@ def check_data(config: PipelineConfig, found: Validation) -> dict[str, Checked]:
             checked[kind] = load_dataset_checked(source, kind)
         except DataError as error:
             found.problems.append(f"data.{kind}: {error}")
-    for kind, section in DATASET_SECTIONS.items():
+    for kind, section in dataset_sections(config):
         if kind in checked:
             _refuse_excess(checked[kind], config, section, found)
     return checked
+
+
+def dataset_sections(config: PipelineConfig) -> list[tuple[str, str]]:
+    """(dataset, training section) for each stage that will train on a dataset with its section's truncation and
+    `max_dropped_share`: the joint stage reads both datasets with its own."""
+    stages = config.stages_run()
+    pairs = [(kind, section) for kind, section in DATASET_SECTIONS.items() if section in stages]
+    if "joint" in stages:
+        pairs += [(kind, "joint") for kind in DATASET_SECTIONS]
+    return pairs
 
 
 def _refuse_excess(examples: Checked, config: PipelineConfig, section: str, found: Validation) -> bool:
@@ -205,13 +216,14 @@ def check_tokens(config: PipelineConfig, tokenizer, checked: dict[str, Checked],
             "model.chat_template (e.g. `default`) or give the data in a text format"
         )
         return
-    for kind, to_tokens in TOKEN_CHECKS.items():
+    for kind, section in dataset_sections(config):
         if kind not in checked:
             continue
-        section = DATASET_SECTIONS[kind]
-        to_tokens(tokenizer, checked[kind], Truncation.of(getattr(config, section)))
-        if _refuse_excess(checked[kind], config, section, found):
-            found.notes.append(f"data.{kind} with {section}'s truncation: {checked[kind].report.describe()}")
+        # A report of its own per section: two sections tokenising one dataset must not add up their drops.
+        examples = Checked(list(checked[kind]), copy.deepcopy(checked[kind].report))
+        TOKEN_CHECKS[kind](tokenizer, examples, Truncation.of(getattr(config, section)))
+        if _refuse_excess(examples, config, section, found):
+            found.notes.append(f"data.{kind} with {section}'s truncation: {examples.report.describe()}")
 
 
 def check_judge(config: PipelineConfig, checked: dict[str, Checked], found: Validation) -> None:

@@ -9,64 +9,21 @@ only, and cached on disk, since they never change. Metrics carry TRL's names (`r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import mlflow
-import torch
 
-from losses import PairLogps, preference_loss, preference_metrics
+from losses import preference_loss
 from post_train.config import PipelineConfig
 from post_train.data import Truncation, load_dataset_checked, pair_rows
-from post_train.modeling import (
-    batch_collate,
-    load_frozen,
-    load_model,
-    load_tokenizer,
-    pad_collate,
-    sequence_sums,
-    target_logprobs,
-)
+from post_train.modeling import load_frozen, load_model, load_tokenizer, pad_collate
 from post_train.reference import reference_logps
 from post_train.results import PreparedData, TrainedModel
 from post_train.stage_io import stage_main
+from post_train.steps import add_reference_logps, pair_collate, preference_step
 from post_train.tracking import is_main_process, log_curves, log_dataset, regression_tags, stage_run
-from post_train.training import StepOutput, frozen_dtype, make_accelerator, rows_drawn, save_checkpoint, train
+from post_train.training import frozen_dtype, make_accelerator, rows_drawn, save_checkpoint, train
 
 DPO_CURVES = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "learning_rate"]
-
-
-def pair_collate(padding_free: bool, pad_token_id: int):
-    """2B sequences (chosen, then rejected), packed or padded, plus the pairs' reference log-probs when known."""
-    sequences = batch_collate(padding_free, pad_token_id)
-
-    def collate(pairs: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = sequences([pair["chosen"] for pair in pairs] + [pair["rejected"] for pair in pairs])
-        if "ref_chosen" in pairs[0]:
-            batch["ref_chosen"] = torch.tensor([pair["ref_chosen"] for pair in pairs])
-            batch["ref_rejected"] = torch.tensor([pair["ref_rejected"] for pair in pairs])
-        batch["num_units"] = len(pairs)
-        return batch
-
-    return collate
-
-
-def sequence_logps(
-    model: torch.nn.Module, batch: dict[str, Any], fused: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed response log-probs and response lengths of the chosen and rejected halves."""
-    logps, mask = target_logprobs(model, batch, fused)
-    sums = sequence_sums(logps * mask, batch)
-    lengths = sequence_sums(mask.to(logps.dtype), batch)
-    half = sums.shape[0] // 2
-    return sums[:half], sums[half:], lengths[:half], lengths[half:]
-
-
-def add_reference_logps(pairs: list[dict[str, Any]], rows: list[list[float]]) -> None:
-    """Summed reference log-probs of each pair's responses, from per-token rows (chosen rows first)."""
-    for pair, chosen, rejected in zip(pairs, rows[: len(pairs)], rows[len(pairs) :]):
-        for side, row in (("chosen", chosen), ("rejected", rejected)):
-            counted = pair[side]["loss_mask"][1:]
-            pair[f"ref_{side}"] = sum(value for value, keep in zip(row, counted) if keep)
 
 
 def run(
@@ -106,24 +63,6 @@ def run(
         add_reference_logps(used, rows)
     model = load_model(sft_model_path)
 
-    def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
-        chosen, rejected, chosen_lengths, rejected_lengths = sequence_logps(model, batch, settings.fused_logprobs)
-        out = loss(
-            PairLogps(
-                chosen,
-                rejected,
-                batch.get("ref_chosen"),
-                batch.get("ref_rejected"),
-                chosen_lengths=chosen_lengths,
-                rejected_lengths=rejected_lengths,
-            )
-        )
-        pairs_in_batch = chosen.shape[0]
-        sums = {name: value * pairs_in_batch for name, value in preference_metrics(out).items()}
-        sums["logps/chosen"] = float(chosen.detach().sum())
-        sums["logps/rejected"] = float(rejected.detach().sum())
-        return StepOutput(out.losses.sum(), sums)
-
     with stage_run(
         "dpo",
         parent_run_id,
@@ -141,7 +80,7 @@ def run(
             model,
             pairs,
             collate,
-            step,
+            preference_step(loss, settings.fused_logprobs),
             settings,
             accelerator,
             on_log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),

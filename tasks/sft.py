@@ -18,7 +18,7 @@ from typing import Any
 import mlflow
 import torch
 
-from losses import SFTObjective, sft_objective
+from losses import sft_objective
 from post_train.config import PipelineConfig
 from post_train.data import (
     DataError,
@@ -39,18 +39,14 @@ from post_train.modeling import (
     load_model,
     load_tokenizer,
     pad_collate,
-    target_logprobs,
-    target_logprobs_and_reference_kl,
     to_device,
 )
 from post_train.reference import reference_logps
 from post_train.results import PreparedData, TrainedModel
 from post_train.stage_io import stage_main
+from post_train.steps import objective_step, old_policy_snapshot
 from post_train.tracking import is_main_process, log_curves, log_dataset, regression_tags, stage_run
 from post_train.training import (
-    RolloutFn,
-    StepFn,
-    StepOutput,
     frozen_dtype,
     make_accelerator,
     rows_drawn,
@@ -97,47 +93,6 @@ def native_held_out_batch(tokenizer, examples: list[EvalExample], size: int, dev
         return None
     tasks = [parse_task(example.instruction) for example in spread(examples, size)]
     return to_device(native_batch(tokenizer, tasks), device)
-
-
-def objective_step(objective: SFTObjective, fused_logprobs: bool, reference: torch.nn.Module | None = None) -> StepFn:
-    """One micro-batch of SFT with `objective`: its summed loss and the summed token weights, and for an objective
-    that needs the reference's distribution (run from `reference`, the frozen base) the summed `anchor_kl`,
-    KL(π_base ‖ π_θ) on the training tokens."""
-    if objective.needs_ref_distribution and reference is None:
-        raise ValueError(f"SFT objective {objective.name!r} needs the reference model; none was given")
-
-    def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
-        ref_kl, metrics = None, {}
-        if objective.needs_ref_distribution:
-            logps, ref_kl, mask = target_logprobs_and_reference_kl(model, reference, batch, fused_logprobs)
-            metrics["anchor_kl"] = ref_kl.sum().detach()  # 0 off the mask
-        else:
-            logps, mask = target_logprobs(model, batch, fused_logprobs)
-        old_logps = None
-        if objective.needs_old:
-            # Absent on a rollout's first step, whose weights are still the old policy's: this pass's own log-probs.
-            old_logps = batch.get("old_logps", logps.detach())
-        out = objective(logps, mask, ref_logps=batch.get("ref_logps"), old_logps=old_logps, ref_kl=ref_kl)
-        metrics["mean_token_weight"] = out.weights.sum().detach()
-        return StepOutput(out.loss * mask.sum(), metrics)
-
-    return step
-
-
-def old_policy_snapshot(fused_logprobs: bool) -> RolloutFn:
-    """PSFT's old policy: the log-probs of a rollout's batches under the weights before its steps.
-
-    The first step's batches are skipped, as `objective_step` reuses its own pass there, so the extra
-    forward costs (K-1)/K of one instead of a whole one.
-    """
-
-    @torch.no_grad()
-    def snapshot(model: torch.nn.Module, rollout: list[list[dict[str, Any]]]) -> None:
-        for group in rollout[1:]:
-            for batch in group:
-                batch["old_logps"] = target_logprobs(model, batch, fused_logprobs)[0]
-
-    return snapshot
 
 
 def run(

@@ -101,6 +101,30 @@ def test_post_train_runs_end_to_end_and_registers_a_champion(prefect_server, wor
     assert len(client.search_model_versions("name = 'post-train'")) == 2
 
 
+def test_the_joint_pipeline_from_the_base_is_one_stage_in_place_of_sft_and_dpo(prefect_server, workspace, mlflow_store):
+    """From the base (`joint.start: base`; the study's smoke test runs the recipe's warm-up start)."""
+    from flows.pipeline import post_train
+    from post_train.cli import format_summary
+
+    start = "base"
+    overrides = {**smoke_overrides(workspace), "registry.min_win_rate": 0.0, "joint.start": start}
+    summary = post_train(recipe="joint", scale="smoke", overrides=overrides)
+    client = MlflowClient(mlflow_store)
+    stages = runs_by_stage(client, summary["mlflow_run_id"])
+    expected = {"pretrain", "joint", "evaluate", "register"} | ({"sft"} if start == "sft" else set())
+    assert set(stages) == expected and all(run.info.status == "FINISHED" for run in stages.values())
+    assert summary["pipeline"] == "joint" and "dpo" not in summary
+    assert (summary["sft"] is None) == (start == "base")
+    if start == "sft":  # the warm-up: sft.max_steps of the recipe
+        assert max(m.step for m in client.get_metric_history(stages["sft"].info.run_id, "loss")) == 50
+    assert {"sft/loss", "dpo/loss", "dpo/rewards/accuracies"} <= set(stages["joint"].data.metrics)
+    assert summary["data"]["data/preferences/used"] == 32
+    version = client.get_model_version("post-train", summary["model_version"])
+    assert version.tags["recipe"] == "joint"
+    text = format_summary(summary)
+    assert "joint loss" in text and "DPO part" in text and ("SFT loss" in text) == (start == "sft")
+
+
 def test_a_diverging_stage_stops_the_run_unretried_and_registers_nothing(prefect_server, workspace, mlflow_store):
     from flows.pipeline import post_train
     from post_train.errors import TrainingDiverged

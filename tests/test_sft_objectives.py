@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from losses import SFT_OBJECTIVES, sft_objective
 from post_train.config import TrainConfig, load_config
 from post_train.modeling import model_inputs, pack_collate, pad_collate, target_logprobs_and_reference_kl
+from post_train.steps import objective_step, old_policy_snapshot
 from post_train.training import make_accelerator, train
 from tasks import sft
 from tests.conftest import smoke_overrides
@@ -29,10 +30,10 @@ def train_with(
         uneven_dataset(),
         pad_collate(0),
         # The base is the model training starts from, as in the stage.
-        sft.objective_step(objective, fused_logprobs=fused, reference=tiny_model().requires_grad_(False)),
+        objective_step(objective, fused_logprobs=fused, reference=tiny_model().requires_grad_(False)),
         config,
         make_accelerator("no"),
-        before_rollout=sft.old_policy_snapshot(fused_logprobs=False) if objective.needs_old else None,
+        before_rollout=old_policy_snapshot(fused_logprobs=False) if objective.needs_old else None,
         rollout_steps=rollout_steps,
     )
     return {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -45,7 +46,7 @@ def test_psft_with_one_step_per_old_policy_is_exactly_nll():
 
 
 def test_psft_old_policy_pass_skips_the_step_that_reuses_its_own_log_probs():
-    snapshot = sft.old_policy_snapshot(fused_logprobs=False)
+    snapshot = old_policy_snapshot(fused_logprobs=False)
     model = tiny_model()
     batches = [pad_collate(0)(uneven_dataset()[i : i + 2]) for i in (0, 2, 4)]
     snapshot(model, [[batches[0]], [batches[1], batches[2]]])
@@ -100,7 +101,7 @@ def test_reference_kl_of_a_batch_is_the_full_vocabulary_kl_fused_or_not(collate)
 
 def test_an_objective_that_needs_the_reference_distribution_refuses_a_step_without_the_reference():
     with pytest.raises(ValueError, match="'asft' needs the reference model"):
-        sft.objective_step(sft_objective("asft"), fused_logprobs=True)
+        objective_step(sft_objective("asft"), fused_logprobs=True)
 
 
 @pytest.mark.parametrize("objective", sorted(SFT_OBJECTIVES))

@@ -152,7 +152,7 @@ def test_an_interrupted_stage_leaves_nothing_in_the_cache(tmp_path: Path):
 
 # --- what a stage's key reaches -------------------------------------------------------------------
 
-TRAINING_STAGES = ("tasks.pretrain", "tasks.sft", "tasks.dpo")
+TRAINING_STAGES = ("tasks.pretrain", "tasks.sft", "tasks.dpo", "tasks.joint")
 
 
 def imports_of(file: Path) -> set[str]:
@@ -180,7 +180,9 @@ def test_a_stage_key_follows_the_code_the_stage_runs_and_nothing_else(tmp_path: 
     for package in PROJECT_PACKAGES:
         shutil.copytree(REPO_ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     keys = {module: module_fingerprint(module, tmp_path) for module in TRAINING_STAGES}
-    assert keys == {module: module_fingerprint(module) for module in TRAINING_STAGES} and len(set(keys.values())) == 3
+    assert keys == {module: module_fingerprint(module) for module in TRAINING_STAGES} and len(
+        set(keys.values())
+    ) == len(TRAINING_STAGES)
     for edited in (
         "post_train/executors/skypilot.py",
         "post_train/executors/local.py",
@@ -253,6 +255,7 @@ def test_every_stage_is_declared_once_with_a_command_and_a_prefect_task():
         prefect_stages.base_model,
         prefect_stages.sft,
         prefect_stages.dpo,
+        prefect_stages.joint,
         prefect_stages.evaluate,
         prefect_stages.fetch_champion,
         prefect_stages.head_to_head,

@@ -58,7 +58,7 @@ def test_the_papers_study_plans_every_arm_and_seed():
     rates = {cell.arm: cell.learning_rate for cell, _ in plan.cells}
     assert rates["baseline"] > rates["nll-lr2.5e-4"] > rates["lowlr"]  # the dose-response
     for cell, config in plan.cells:
-        assert config.sft.seed == config.dpo.seed == cell.seed
+        assert config.sft.seed == config.dpo.seed == config.joint.seed == cell.seed
         assert config.compute.torch_threads == plan.threads
         assert config.dpo == plan_study(spec).cells[0][1].dpo.model_copy(update={"seed": cell.seed})  # the same DPO
 
@@ -135,8 +135,14 @@ def test_seed_difference_is_a_paired_t_interval():
     assert found.high - found.difference == pytest.approx(4.302653 / np.sqrt(3), rel=1e-4)  # t(0.975, 2) sd / sqrt(k)
 
 
-def test_a_two_arm_study_at_smoke_scale(prefect_server, workspace, mlflow_store, tmp_path):
-    path = write_study(tmp_path)
+def test_a_study_at_smoke_scale(prefect_server, workspace, mlflow_store, tmp_path):
+    # Three arms, the third the joint pipeline (after the recipe's SFT warm-up), its cells run as the others'.
+    arms = {
+        "baseline": {"recipe": "baseline"},
+        "lowlr": {"recipe": "lowlr", "label": "nll lowlr"},
+        "joint": {"recipe": "joint"},
+    }
+    path = write_study(tmp_path, arms=arms)
     report_dir = tmp_path / "published"
     result = run_study(name=str(path), overrides=smoke_overrides(workspace), report_dir=str(report_dir))
 
@@ -144,6 +150,8 @@ def test_a_two_arm_study_at_smoke_scale(prefect_server, workspace, mlflow_store,
     assert sorted((row["arm"], row["seed"]) for row in rows) == [
         ("baseline", 0),
         ("baseline", 1),
+        ("joint", 0),
+        ("joint", 1),
         ("lowlr", 0),
         ("lowlr", 1),
     ]
@@ -153,7 +161,7 @@ def test_a_two_arm_study_at_smoke_scale(prefect_server, workspace, mlflow_store,
         assert row["native_kl_to_base/sft/held_out"] >= 0
     report = (report_dir / "results.md").read_text()
     assert report == Path(result["report"]).read_text()
-    assert "nll lowlr" in report and "## The claims" in report and "Power" in report
+    assert "nll lowlr" in report and "joint" in report and "## The claims" in report and "Power" in report
     meetings = json.loads((Path(result["output_dir"]) / "head_to_head.json").read_text())
     assert sorted((m["arm"], m["seed"]) for m in meetings) == [("lowlr", 0), ("lowlr", 1)]
     assert all(0.0 <= m["head_to_head/win_rate/all"] <= 1.0 for m in meetings) and "## Head to head" in report
