@@ -45,6 +45,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from post_train.config import TrainConfig
 from post_train.errors import TrainingDiverged
+from post_train.run_summary import metrics_line
 
 
 @dataclass
@@ -363,6 +364,8 @@ def train(
             metrics["step"] = step
             history.append(metrics)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if accelerator.is_main_process:  # a whole line, which a log (Prefect's) keeps, unlike the bar's redraws
+                progress.write(f"{description} step {step}/{total_steps}: {metrics_line(metrics)}")
             if on_log is not None and accelerator.is_main_process:
                 on_log({k: v for k, v in metrics.items() if k != "step"}, step)
         if checkpoints is not None and not rollout and step < total_steps and step - last_saved >= checkpoint_every:

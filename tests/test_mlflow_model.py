@@ -24,7 +24,7 @@ from post_train.modeling import load_tokenizer
 from post_train.tracking import experiment_id
 from tasks import register
 from tasks.register import log_transformers_model, pinned_requirements
-from tests.test_mlflow_ui import free_port
+from tests.test_mlflow_ui import free_port, render, serving_mlflow_ui
 
 SERVER_START_S = 120
 PROMPTS = 4  # evaluation prompts asked through MLflow: enough to meet different answers
@@ -69,6 +69,19 @@ def test_the_registered_version_is_a_chat_model_that_answers_as_evaluated(regist
     # Served with the evaluation's decoding settings: greedy, the same answers the evaluate stage judges.
     assert served == generate_for(config, model_path, load_tokenizer(model_path), examples)
     assert any(served)
+
+
+def test_the_version_page_shows_the_chat_signature(registered, mlflow_store, tmp_path):
+    """What a user browsing the registry sees: the version page, rendered by headless Chromium, lists the model's
+    signature (as many inputs and outputs as the chat schema has fields) instead of "Inputs (0)"."""
+    signature = mlflow.models.get_model_info("models:/post-train/1").signature
+    inputs, outputs = len(signature.inputs.input_names()), len(signature.outputs.input_names())
+    assert inputs > 1 and outputs > 1
+    with serving_mlflow_ui(mlflow_store, tmp_path) as url:
+        # Tall enough for the schema below the model card and the tags.
+        text = render(f"{url}/#/models/post-train/versions/1", tmp_path, "mlflow-ui-signature.png", height=1400)
+    assert "Version 1" in text, text[:3000]
+    assert f"Schema | Name | Type | Inputs ({inputs}) | Outputs ({outputs})" in text, text[:3000]
 
 
 def test_a_model_without_a_chat_template_is_logged_for_completions(smoke_stages, mlflow_store, tmp_path):

@@ -9,6 +9,7 @@ when missing). The MLflow UI is a React app, so the test reads the DOM after its
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import re
@@ -20,6 +21,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -33,7 +35,6 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
     "--no-first-run",
-    "--window-size=1400,1000",
     "--virtual-time-budget=15000",
 ]
 
@@ -120,18 +121,20 @@ def store_with_a_champion(tmp_path: Path) -> str:
     return uri
 
 
-@pytest.fixture
-def mlflow_server(store_with_a_champion: str, tmp_path: Path):
+@contextlib.contextmanager
+def serving_mlflow_ui(store_uri: str, directory: Path) -> Iterator[str]:
+    """`mlflow server` over `store_uri` on a free port (its log in `directory`); yields its URL."""
     port = free_port()
-    log = (tmp_path / "server.log").open("w")
+    log_path = directory / "server.log"
+    log = log_path.open("w")
     server = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "mlflow"),
             "server",
             "--backend-store-uri",
-            store_with_a_champion,
+            store_uri,
             "--default-artifact-root",
-            str(tmp_path / "artifacts"),
+            str(directory / "artifacts"),
             "--host",
             "127.0.0.1",
             "--port",
@@ -155,7 +158,7 @@ def mlflow_server(store_with_a_champion: str, tmp_path: Path):
             except OSError:
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+                pytest.fail(f"mlflow server did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
         yield url
     finally:
@@ -167,13 +170,21 @@ def mlflow_server(store_with_a_champion: str, tmp_path: Path):
         log.close()
 
 
-def test_the_registered_champion_is_shown_with_its_alias_and_win_rate(mlflow_server: str, tmp_path: Path):
+@pytest.fixture
+def mlflow_server(store_with_a_champion: str, tmp_path: Path):
+    with serving_mlflow_ui(store_with_a_champion, tmp_path) as url:
+        yield url
+
+
+def render(page: str, directory: Path, screenshot: str, height: int = 1000) -> str:
+    """The DOM of `page` after its JavaScript ran, in headless Chromium, and its screenshot (1400 pixels wide,
+    `height` high) kept as test-artifacts/`screenshot` (a PNG, checked)."""
     browser = chromium()
-    page = f"{mlflow_server}/#/models/post-train/versions/1"
 
     def chrome(*arguments: str, profile: str) -> subprocess.CompletedProcess:
+        window = f"--window-size=1400,{height}"
         return subprocess.run(
-            [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / profile}", *arguments, page],
+            [browser, *CHROMIUM_FLAGS, window, f"--user-data-dir={directory / profile}", *arguments, page],
             capture_output=True,
             text=True,
             timeout=180,
@@ -181,18 +192,21 @@ def test_the_registered_champion_is_shown_with_its_alias_and_win_rate(mlflow_ser
 
     dom = chrome("--dump-dom", profile="profile-dom")
     assert dom.returncode == 0, dom.stderr[-3000:]
-    text = page_text(dom.stdout)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot_path = ARTIFACTS / screenshot
+    shot_path.unlink(missing_ok=True)
+    shot = chrome(f"--screenshot={shot_path}", profile="profile-shot")
+    assert shot.returncode == 0, shot.stderr[-3000:]
+    assert shot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return page_text(dom.stdout)
+
+
+def test_the_registered_champion_is_shown_with_its_alias_and_win_rate(mlflow_server: str, tmp_path: Path):
+    text = render(f"{mlflow_server}/#/models/post-train/versions/1", tmp_path, "mlflow-ui-champion.png")
     assert "Version 1" in text, text[:3000]
     assert re.search(r"Aliases \| : \| @ ?champion", text), text[:3000]
     assert "| win_rate | 0.6250 |" in text, text[:3000]
     assert "Promoted to" in text and "first version" in text  # the model card, rendered from markdown
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    screenshot = ARTIFACTS / "mlflow-ui-champion.png"
-    screenshot.unlink(missing_ok=True)
-    shot = chrome(f"--screenshot={screenshot}", profile="profile-shot")
-    assert shot.returncode == 0, shot.stderr[-3000:]
-    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ------------------------------------------------------------------------- what the tracking store gives the UI

@@ -139,6 +139,8 @@ def test_the_flows_show_stage_output_cache_hits_and_artifacts_in_prefect(prefect
         sft_logs = _logs(client, _task_runs(client, state.state_details.flow_run_id)["sft"].id)
         output = [log.message for log in sft_logs if log.name == STAGE_OUTPUT_LOGGER]
         assert any(re.search(r"100%\|.*\| 8/8", line) for line in output), output
+        logged_steps = [line for line in output if re.match(r"sft \(nll\) step \d+/8: .*loss=", line)]
+        assert len(logged_steps) >= 4 and any("learning_rate=" in line for line in logged_steps), output
         said = [log.message for log in sft_logs if log.name != STAGE_OUTPUT_LOGGER]
         assert any(line.startswith("sft: no cached result for key") for line in said), said
         assert any(re.match(r"sft: `.*-m tasks\.sft .*` exited with status 0 after \d+ s", line) for line in said)
