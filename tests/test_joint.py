@@ -32,8 +32,21 @@ def demonstrations_and_pairs() -> tuple[list[dict], list[dict]]:
     return rows, pairs
 
 
-def one_joint_step(micro_batch_size: int, sft_weight: float, dpo_weight: float):
+def train_jointly(model, config, sft_weight: float, dpo_weight: float) -> list[dict]:
+    """`model` trained on `demonstrations_and_pairs()` by the joint stage's rows, collate and step."""
     demonstrations, pairs = demonstrations_and_pairs()
+    return train(
+        model,
+        joint.joint_rows(demonstrations, pairs),
+        joint.joint_collate(True, 0),
+        joint.joint_step(NLL_STEP, DPO_STEP),
+        config,
+        make_accelerator("no"),
+        part_weights={"sft": sft_weight, "dpo": dpo_weight},
+    )
+
+
+def one_joint_step(micro_batch_size: int, sft_weight: float, dpo_weight: float):
     config = load_config("joint", "smoke").joint.model_copy(
         update={
             "batch_size": 16,  # the whole joint dataset: the step's means do not depend on the order
@@ -46,16 +59,7 @@ def one_joint_step(micro_batch_size: int, sft_weight: float, dpo_weight: float):
         }
     )
     model = tiny_model()
-    history = train(
-        model,
-        joint.joint_rows(demonstrations, pairs),
-        joint.joint_collate(True, 0),
-        joint.joint_step(NLL_STEP, DPO_STEP),
-        config,
-        make_accelerator("no"),
-        part_weights={"sft": sft_weight, "dpo": dpo_weight},
-    )
-    return model, history[0]
+    return model, train_jointly(model, config, sft_weight, dpo_weight)[0]
 
 
 def direct_loss_and_gradient_norm(sft_weight: float, dpo_weight: float) -> tuple[float, float, float, float]:
@@ -84,18 +88,10 @@ def test_a_joint_step_is_the_weighted_sum_of_each_parts_mean_over_the_whole_step
 
 
 def test_with_a_zero_dpo_weight_joint_training_is_sft_training_bit_for_bit():
-    demonstrations, pairs = demonstrations_and_pairs()  # 16 demonstrations, 8 pairs: the rows follow the former
+    demonstrations, _ = demonstrations_and_pairs()  # 16 demonstrations, 8 pairs: the rows follow the former
     config = load_config("joint", "smoke").joint.model_copy(update={"batch_size": 8, "micro_batch_size": 4})
     jointly, alone = tiny_model(), tiny_model()
-    train(
-        jointly,
-        joint.joint_rows(demonstrations, pairs),
-        joint.joint_collate(True, 0),
-        joint.joint_step(NLL_STEP, DPO_STEP),
-        config,
-        make_accelerator("no"),
-        part_weights={"sft": 1.0, "dpo": 0.0},
-    )
+    train_jointly(jointly, config, sft_weight=1.0, dpo_weight=0.0)
     train(alone, demonstrations, pack_collate, NLL_STEP, config, make_accelerator("no"))
     for (name, got), want in zip(jointly.named_parameters(), alone.parameters()):
         assert torch.equal(got, want), name
