@@ -26,7 +26,7 @@ from typing import Any
 from post_train.provenance import cpu_model, git_commit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TRAINING_STAGES = ("pretrain", "sft", "dpo")
+TRAINING_STAGES = ("pretrain", "sft", "dpo", "joint")
 GENERATION_STAGES = ("evaluate", "head-to-head")
 
 
