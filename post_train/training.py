@@ -361,11 +361,11 @@ def train(
                     lr_control.observe(metrics)
             if lr_control is not None:
                 metrics["lr_multiplier"] = lr_control.multiplier
-            metrics["step"] = step
-            history.append(metrics)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
             if accelerator.is_main_process:  # a whole line, which a log (Prefect's) keeps, unlike the bar's redraws
                 progress.write(f"{description} step {step}/{total_steps}: {metrics_line(metrics)}")
+            metrics["step"] = step
+            history.append(metrics)
             if on_log is not None and accelerator.is_main_process:
                 on_log({k: v for k, v in metrics.items() if k != "step"}, step)
         if checkpoints is not None and not rollout and step < total_steps and step - last_saved >= checkpoint_every:
