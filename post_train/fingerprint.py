@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,11 @@ def content_key(**parts: Any) -> str:
 
 PROJECT_PACKAGES = ("post_train", "losses", "tasks", "flows")
 
+_PARSING = threading.Lock()
+"""One `ast.parse` at a time: CPython 3.11's AST conversion keeps its recursion depth in state shared by the
+threads, so two parses at once (the cells of a compare or study run in threads) can fail with `SystemError: AST
+constructor recursion depth mismatch` (seen in a study run)."""
+
 
 def _module_file(name: str, root: Path) -> Path | None:
     base = root.joinpath(*name.split("."))
@@ -30,7 +36,9 @@ def _module_file(name: str, root: Path) -> Path | None:
 def project_imports(file: Path, package: str) -> set[str]:
     """Project modules that `file` imports (absolute or relative), package parents included."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(file.read_text())):
+    with _PARSING:
+        tree = ast.parse(file.read_text())
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -7,7 +7,8 @@ computed once and cached on disk), an old-policy snapshot every `rollout_steps` 
 gradient (`needs_ref_distribution`, ASFT). Every few steps it measures the exact token KL to the base model and the
 entropy on held-out responses, the drift arXiv 2507.00018 says plain SFT leaves unchecked; on the demo
 world also the KL on the answer tokens of terse documents ("reverse c a f b = b f a c"), the base's own
-format, where it is competent (`native_kl_to_base`).
+format, where it is competent (`native_kl_to_base`). With `sft.kl_budget` those measurements also set the
+learning rate (`post_train.kl_budget`).
 """
 
 from __future__ import annotations
