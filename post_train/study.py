@@ -66,6 +66,11 @@ class Claim(_Strict):
     direction: Literal["higher", "lower"]
 
 
+class Comparison(_Strict):
+    arm: str
+    against: str = Field(description="Another arm: the report gives arm − against, paired as arm − baseline is.")
+
+
 class StudySpec(_Strict):
     description: str
     scale: str = "demo"
@@ -76,6 +81,9 @@ class StudySpec(_Strict):
     claims: list[Claim] = []
     head_to_head: list[str] = Field(
         default=[], description="Arms whose final models meet the baseline's head to head, seed by seed."
+    )
+    comparisons: list[Comparison] = Field(
+        default=[], description="Pairs of arms compared besides each arm with the baseline (e.g. klbudget − lowlr)."
     )
 
     @model_validator(mode="after")
@@ -92,6 +100,11 @@ class StudySpec(_Strict):
                 raise ValueError(f"claims[{index}].arm {claim.arm!r} must be an arm other than the baseline")
             if claim.split not in SPLITS:
                 raise ValueError(f"claims[{index}].split {claim.split!r}: expected one of {', '.join(SPLITS)}")
+        for index, comparison in enumerate(self.comparisons):
+            if {comparison.arm, comparison.against} - set(self.arms) or comparison.arm == comparison.against:
+                raise ValueError(
+                    f"comparisons[{index}]: {comparison.arm!r} − {comparison.against!r} must name two different arms"
+                )
         return self
 
     def label(self, arm: str) -> str:
@@ -227,19 +240,20 @@ Estimate = PairedEstimate | SeedDifference
 
 
 def compare_with_baseline(
-    spec: StudySpec, rows: Sequence[dict[str, Any]], metric: str, split: str, arm: str
+    spec: StudySpec, rows: Sequence[dict[str, Any]], metric: str, split: str, arm: str, against: str | None = None
 ) -> Estimate:
-    """`arm` − baseline on `metric` in `split`: paired over prompts and seeds for per-prompt metrics (in points),
-    paired by seed for per-cell metrics (in the metric's unit)."""
+    """`arm` − `against` (default: the baseline) on `metric` in `split`: paired over prompts and seeds for per-prompt
+    metrics (in points), paired by seed for per-cell metrics (in the metric's unit)."""
+    against = against or spec.baseline
     if metric in PER_PROMPT:
         column = PER_PROMPT[metric]
         a = per_prompt(rows, arm, spec.seeds, column, split) * POINTS
-        b = per_prompt(rows, spec.baseline, spec.seeds, column, split) * POINTS
+        b = per_prompt(rows, against, spec.seeds, column, split) * POINTS
         return paired_difference(a, b)
     key = f"{metric}/{split}"
     if not any(key in row for row in rows):  # a metric measured once per model, not per split (entropy/sft)
         key = metric
-    return seed_difference(per_seed(rows, arm, spec.seeds, key), per_seed(rows, spec.baseline, spec.seeds, key))
+    return seed_difference(per_seed(rows, arm, spec.seeds, key), per_seed(rows, against, spec.seeds, key))
 
 
 def verdict(claim: Claim, estimate: Estimate) -> str:
@@ -309,6 +323,23 @@ def differences_table(spec: StudySpec, rows: Sequence[dict[str, Any]], metric: s
             continue
         cells = [spec.label(arm)]
         cells += [_interval(compare_with_baseline(spec, rows, metric, split, arm)) for split in SPLITS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparisons_table(spec: StudySpec, rows: Sequence[dict[str, Any]]) -> str:
+    """The study's `comparisons`, arm − against, on gold reward and win rate per split, and the native KL of the SFT
+    models (all splits)."""
+    columns = [("gold_reward", split) for split in SPLITS] + [("win_rate", split) for split in SPLITS]
+    header = ["arm − against", *(f"{metric} {split}" for metric, split in columns), "native KL SFT"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(columns) + 1)]
+    for comparison in spec.comparisons:
+        arm, against = comparison.arm, comparison.against
+        cells = [f"{spec.label(arm)} − {spec.label(against)}"]
+        for metric, split in columns:
+            cells.append(_interval(compare_with_baseline(spec, rows, metric, split, arm, against)))
+        kl = compare_with_baseline(spec, rows, "native_kl_to_base/sft", ALL, arm, against)
+        cells.append(_interval(kl, digits=3))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -504,6 +535,10 @@ def write_report(
     )
     versions = ", ".join(f"{k} {v}" for k, v in environment["versions"].items())
     dose_text = "" if dose is None else "\n![lr dose-response](lr_dose_response.png)\n"
+    comparisons_text = ""
+    if spec.comparisons:
+        comparisons_text = "## Other comparisons (gold and win rate in points, native KL in nats; 95% CI)\n\n"
+        comparisons_text += comparisons_table(spec, rows) + "\n"
     meetings_text = ""
     if meetings:
         meetings_text = "## Head to head: the final models against the baseline's, seed by seed\n\n"
@@ -548,7 +583,7 @@ pretraining only.
 {differences_table(spec, rows, "win_rate")}
 ![win-rate differences](win_rate_differences.png)
 {dose_text}
-{meetings_text}
+{comparisons_text}{meetings_text}
 ## The claims
 
 {claims_text}

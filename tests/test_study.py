@@ -89,6 +89,7 @@ def test_cells_split_the_cores():
         ),
         ({"arms": {"baseline": {"recipe": "baseline"}}}, "at least 2"),
         ({"head_to_head": ["baseline"]}, "head_to_head arm 'baseline'"),
+        ({"comparisons": [{"arm": "lowlr", "against": "nope"}]}, "comparisons\\[0\\]: 'lowlr' − 'nope' must name two"),
         ({"unknown": 1}, "Extra inputs"),
     ],
 )
@@ -142,7 +143,7 @@ def test_a_study_at_smoke_scale(prefect_server, workspace, mlflow_store, tmp_pat
         "lowlr": {"recipe": "lowlr", "label": "nll lowlr"},
         "joint": {"recipe": "joint"},
     }
-    path = write_study(tmp_path, arms=arms)
+    path = write_study(tmp_path, arms=arms, comparisons=[{"arm": "joint", "against": "lowlr"}])
     report_dir = tmp_path / "published"
     result = run_study(name=str(path), overrides=smoke_overrides(workspace), report_dir=str(report_dir))
 
@@ -162,6 +163,7 @@ def test_a_study_at_smoke_scale(prefect_server, workspace, mlflow_store, tmp_pat
     report = (report_dir / "results.md").read_text()
     assert report == Path(result["report"]).read_text()
     assert "nll lowlr" in report and "joint" in report and "## The claims" in report and "Power" in report
+    assert "## Other comparisons" in report and "| joint − nll lowlr |" in report
     meetings = json.loads((Path(result["output_dir"]) / "head_to_head.json").read_text())
     assert sorted((m["arm"], m["seed"]) for m in meetings) == [("lowlr", 0), ("lowlr", 1)]
     assert all(0.0 <= m["head_to_head/win_rate/all"] <= 1.0 for m in meetings) and "## Head to head" in report
