@@ -27,6 +27,7 @@ BEHAVIOUR_FILES = (
 )
 READS = {"pretrain": {"world"}, "sft": {"sft", "eval"}, "dpo": {"preferences"}, "evaluate": {"eval"}}
 READS["head-to-head"] = {"eval"}
+READS["joint"] = {"sft", "preferences"}
 """The datasets each cached stage reads (SFT's KL-to-base diagnostics run on the evaluation references)."""
 
 
@@ -65,7 +66,7 @@ def stage_keys(config, data, model: str) -> dict[str, str]:
     """Every cached stage's key, with `model` as each of its models."""
     arguments = {
         "data": data,
-        **{name: model for name in ("base_model_path", "sft_model_path", "model_path")},
+        **{name: model for name in ("base_model_path", "sft_model_path", "start_model_path", "model_path")},
         **{name: model for name in ("candidate_path", "baseline_path")},
     }
     return {stage.name: content_key(**stage.key(config, arguments)) for stage in STAGE_DECLARATIONS if stage.key}
