@@ -111,7 +111,9 @@ def test_joint_collate_counts_tokens_and_pairs_as_separate_parts():
 
 
 @pytest.mark.parametrize("objective", ["nll", "fdiv:pearson_chi2", "psft", "asft"])
-def test_the_joint_stage_trains_after_a_warm_up_at_smoke_scale(objective, smoke_stages, shared_mlflow_store, tmp_path):
+def test_the_joint_stage_trains_after_a_warm_up_at_smoke_scale(objective, smoke_stages, mlflow_store, tmp_path):
+    # A store of its own: MLflow keeps one dataset per (name, digest) in a store, so logging the smoke preferences in
+    # the shared one would give tests/test_data.py's DPO run this file's dataset source.
     _, data, base = smoke_stages
     config = load_config(
         "joint", "smoke", {**smoke_overrides(tmp_path), "sft.objective": objective, "sft.rollout_steps": 2}
@@ -123,7 +125,7 @@ def test_the_joint_stage_trains_after_a_warm_up_at_smoke_scale(objective, smoke_
         str(tmp_path / "warm"),
     )
     result = joint.run(config, warm.path, data, str(tmp_path / "joint"))
-    client = MlflowClient(shared_mlflow_store)
+    client = MlflowClient(mlflow_store)
     run = client.get_run(result.run_id)
     assert run.data.tags["stage"] == "joint" and run.data.params["sft_objective"] == objective
     assert {"loss", "sft/loss", "dpo/loss", "dpo/rewards/accuracies", "dpo/rewards/margins"} <= set(run.data.metrics)
