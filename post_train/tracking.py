@@ -39,6 +39,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from post_train.locks import file_lock
 from post_train.provenance import library_versions
+from post_train.results import TrainedModel
 
 EXPERIMENT = "post-train"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -352,6 +353,18 @@ def record_cache_hit(
     with stage_run(stage, parent_run_id):
         mlflow.set_tags({"cache_hit": "true", "cache_key": key, **(tags or {})})
         mlflow.log_metrics(metrics)
+
+
+def trained_model(
+    path: Path | str, metrics: dict[str, float], run, counts: dict[str, float] | None = None
+) -> TrainedModel:
+    """A training stage's result: its final `metrics` (logged to the stage's MLflow `run` on rank 0, with the
+    `regressed` tags) and the data `counts` (already logged by the data reports)."""
+    result = TrainedModel(path=str(path), metrics={**metrics, **(counts or {})}, run_id=run.info.run_id)
+    if is_main_process():
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags(regression_tags(result.regressions))
+    return result
 
 
 def regression_tags(regressions: list[str]) -> dict[str, str]:

@@ -20,7 +20,7 @@ from post_train.reference import reference_logps
 from post_train.results import PreparedData, TrainedModel
 from post_train.stage_io import stage_main
 from post_train.steps import add_reference_logps, pair_collate, preference_step
-from post_train.tracking import is_main_process, log_curves, log_dataset, regression_tags, stage_run
+from post_train.tracking import is_main_process, log_curves, log_dataset, stage_run, trained_model
 from post_train.training import frozen_dtype, make_accelerator, rows_drawn, save_checkpoint, train
 
 DPO_CURVES = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "learning_rate"]
@@ -98,12 +98,7 @@ def run(
             "rewards/accuracies_final": final["rewards/accuracies"],
             "rewards/margins_final": final["rewards/margins"],
         }
-        if main:
-            mlflow.log_metrics(metrics)
-        result = TrainedModel(path=str(path), metrics={**metrics, **examples.report.metrics()}, run_id=run.info.run_id)
-        if main:
-            mlflow.set_tags(regression_tags(result.regressions))
-        return result
+        return trained_model(path, metrics, run, examples.report.metrics())
 
 
 if __name__ == "__main__":

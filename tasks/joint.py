@@ -26,7 +26,7 @@ from post_train.reference import reference_logps
 from post_train.results import PreparedData, TrainedModel
 from post_train.stage_io import stage_main
 from post_train.steps import add_reference_logps, objective_step, old_policy_snapshot, pair_collate, preference_step
-from post_train.tracking import is_main_process, log_curves, log_dataset, regression_tags, stage_run
+from post_train.tracking import is_main_process, log_curves, log_dataset, stage_run, trained_model
 from post_train.training import (
     RolloutFn,
     StepFn,
@@ -216,13 +216,8 @@ def run(
             "rewards/accuracies_final": final["dpo/rewards/accuracies"],
             "rewards/margins_final": final["dpo/rewards/margins"],
         }
-        if main:
-            mlflow.log_metrics(metrics)
         counts = {**demonstration_examples.report.metrics(), **pair_examples.report.metrics()}
-        result = TrainedModel(path=str(path), metrics={**metrics, **counts}, run_id=run.info.run_id)
-        if main:
-            mlflow.set_tags(regression_tags(result.regressions))
-        return result
+        return trained_model(path, metrics, run, counts)
 
 
 if __name__ == "__main__":

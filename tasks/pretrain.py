@@ -14,7 +14,7 @@ from post_train.config import PipelineConfig
 from post_train.modeling import batch_collate, target_logprobs
 from post_train.results import PreparedData, TrainedModel
 from post_train.stage_io import stage_main
-from post_train.tracking import is_main_process, log_curves, log_dataset, regression_tags, stage_run
+from post_train.tracking import is_main_process, log_curves, log_dataset, stage_run, trained_model
 from post_train.training import StepOutput, make_accelerator, save_checkpoint, train
 from post_train.world.generate import iter_world_texts
 from post_train.world.model import tiny_llama_config, train_tokenizer
@@ -98,11 +98,7 @@ def run(
         # The world's directory: the corpus and the texts the tokenizer is trained on (DVC's md5 of it).
         log_dataset(str(Path(data.pretrain_corpus).parent), "world", data.hashes["world"], "training")
         metrics = _pretrain(config, Path(data.pretrain_corpus), Path(output_dir) / "model", checkpoint_dir)
-        result = TrainedModel(path=str(Path(output_dir) / "model"), metrics=metrics, run_id=run.info.run_id)
-        if is_main_process():
-            mlflow.log_metrics(metrics)
-            mlflow.set_tags(regression_tags(result.regressions))
-    return result
+        return trained_model(Path(output_dir) / "model", metrics, run)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from post_train.reference import reference_logps
 from post_train.results import PreparedData, TrainedModel
 from post_train.stage_io import stage_main
 from post_train.steps import objective_step, old_policy_snapshot
-from post_train.tracking import is_main_process, log_curves, log_dataset, regression_tags, stage_run
+from post_train.tracking import is_main_process, log_curves, log_dataset, stage_run, trained_model
 from post_train.training import (
     frozen_dtype,
     make_accelerator,
@@ -215,12 +215,7 @@ def run(
         if kl_budget is not None:
             metrics["kl_budget"] = kl_budget.budget
             metrics["lr_multiplier_final"] = kl_budget.multiplier
-        if main:
-            mlflow.log_metrics(metrics)
-        result = TrainedModel(path=str(path), metrics={**metrics, **examples.report.metrics()}, run_id=run.info.run_id)
-        if main:
-            mlflow.set_tags(regression_tags(result.regressions))
-        return result
+        return trained_model(path, metrics, run, examples.report.metrics())
 
 
 if __name__ == "__main__":
