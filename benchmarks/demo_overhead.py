@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import spread
 from post_train.provenance import cpu_model, git_commit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def stage_times(tracking_uri: str) -> list[dict[str, Any]]:
     return stages
 
 
-def measure(recipe: str, scale: str, work: Path, dvc_root: Path) -> dict[str, Any]:
+def measure(recipe: str, scale: str, work: Path, dvc_root: Path, overrides: list[str]) -> dict[str, Any]:
     uri = f"sqlite:///{work / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     command = [
@@ -86,6 +87,9 @@ def measure(recipe: str, scale: str, work: Path, dvc_root: Path) -> dict[str, An
         "-o",
         f"data.dvc_root={dvc_root}",
     ]
+    for override in overrides:
+        command += ["-o", override]
+    load = os.getloadavg()[0]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -95,13 +99,8 @@ def measure(recipe: str, scale: str, work: Path, dvc_root: Path) -> dict[str, An
     compute = sum(stage["compute_seconds"] or 0.0 for stage in stages)
     in_runs = sum(stage["run_seconds"] for stage in stages)
     return {
-        "recipe": recipe,
-        "scale": scale,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg()[0],
-        "post_train_commit": git_commit(REPO_ROOT, short=True, mark_dirty=True),
+        "overrides": overrides,
+        "load_average_at_start": load,
         "wall_seconds": wall,
         "stage_run_seconds": in_runs,
         "compute_seconds": compute,
@@ -112,32 +111,78 @@ def measure(recipe: str, scale: str, work: Path, dvc_root: Path) -> dict[str, An
     }
 
 
+SUMMARISED = ("wall_seconds", "compute_seconds", "outside_compute_seconds", "outside_compute_share")
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median, min and max of each of `SUMMARISED` and of each stage's run and compute seconds."""
+    summary = {metric: spread([run[metric] for run in runs]) for metric in SUMMARISED}
+    summary["stages"] = {}
+    for stage in [stage["stage"] for stage in runs[0]["stages"]]:
+        rows = [next(row for row in run["stages"] if row["stage"] == stage) for run in runs]
+        summary["stages"][stage] = {
+            "run_seconds": spread([row["run_seconds"] for row in rows]),
+            "compute_seconds": spread([row["compute_seconds"] for row in rows if row["compute_seconds"] is not None]),
+        }
+    return summary
+
+
+def _cell(stats: dict[str, float] | None, form: str = "{:.1f}") -> str:
+    if stats is None:
+        return "–"
+    if stats["n"] == 1:
+        return form.format(stats["median"])
+    return f"{form.format(stats['median'])} ({form.format(stats['min'])}–{form.format(stats['max'])})"
+
+
 def markdown(result: dict[str, Any]) -> str:
+    variants = result["variants"]
+    runs = sum(len(variant["runs"]) for variant in variants)
     lines = [
         f"# `post-train run --recipe {result['recipe']} --scale {result['scale']}`: "
         "time outside training and generation",
         "",
-        f"{result['date']} on {result['cpu']} ({result['cpu_count']} cores, load average {result['load_average']:.2f} "
-        f"at the end), post-train {result['post_train_commit']}, fresh stage cache and MLflow store.",
+        f"{result['date']} on {result['cpu']} ({result['cpu_count']} cores), post-train {result['post_train_commit']}; "
+        f"{runs} runs, each with a fresh stage cache and MLflow store"
+        + (", the variants alternating (the order reversed on every other repetition)" if len(variants) > 1 else "")
+        + f"; load average {min(result['load_averages']):.2f}–{max(result['load_averages']):.2f} at their starts. "
+        "Medians (min–max), seconds.",
         "",
-        "| stage | stage run s | training / generation s |",
-        "|---|---:|---:|",
+        "| variant | wall | training + generation | outside them | share outside |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for stage in result["stages"]:
-        compute = "–" if stage["compute_seconds"] is None else f"{stage['compute_seconds']:.1f}"
+    for variant in variants:
+        summary = variant["summary"]
         lines.append(
-            f"| {stage['stage']}{' (cached)' if stage['cache_hit'] else ''} | {stage['run_seconds']:.1f} | {compute} |"
+            f"| {variant['label']} | {_cell(summary['wall_seconds'])} | {_cell(summary['compute_seconds'])} | "
+            f"**{_cell(summary['outside_compute_seconds'])}** | {_cell(summary['outside_compute_share'], '{:.0%}')} |"
         )
+    lines += ["", "Per stage, its MLflow run / the training or generation inside it:", ""]
+    lines += ["| stage | " + " | ".join(variant["label"] for variant in variants) + " |"]
+    lines += ["|---|" + "---:|" * len(variants)]
+    for stage in variants[0]["summary"]["stages"]:
+        cells = []
+        for variant in variants:
+            times = variant["summary"]["stages"][stage]
+            cells.append(f"{_cell(times['run_seconds'])} / {_cell(times['compute_seconds'])}")
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     lines += [
-        f"| **all stages** | {result['stage_run_seconds']:.1f} | {result['compute_seconds']:.1f} |",
         "",
-        f"Wall time {result['wall_seconds']:.1f} s: {result['compute_seconds']:.1f} s training and generation, "
-        f"**{result['outside_compute_seconds']:.1f} s ({result['outside_compute_share']:.0%}) outside them**, of which "
-        f"{result['outside_stage_runs_seconds']:.1f} s outside any stage's MLflow run (process start-ups, imports, "
-        "Prefect, DVC, data and model loading, reference log-probs).",
+        "Outside training and generation: process start-ups and imports, Prefect's temporary server, DVC, data and "
+        "model loading, reference log-probs, saving, plots and MLflow calls.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _variants(ab: str | None) -> list[tuple[str, list[str]]]:
+    """`KEY=A,B` as [(label, overrides)] for A and B; None: the recipe as it is."""
+    if ab is None:
+        return [("as configured", [])]
+    key, separator, values = ab.partition("=")
+    if not separator or "," not in values:
+        raise SystemExit(f"--ab {ab!r}: expected KEY=A,B, e.g. compute.warm_start=true,false")
+    return [(f"{key}={value}", [f"{key}={value}"]) for value in values.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,11 +192,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dvc-root", type=Path, default=REPO_ROOT, help="the DVC repository of the data (as make demo)"
     )
+    parser.add_argument(
+        "--ab", help="KEY=A,B: two variants of one config key, alternated (e.g. compute.warm_start=true,false)"
+    )
+    parser.add_argument("--repetitions", type=int, default=1, help="runs of each variant")
     parser.add_argument("--name", help="result file name (default: demo-<scale>)")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="post-train-demo-bench-") as work:
-        result = measure(args.recipe, args.scale, Path(work), args.dvc_root.resolve())
+    variants = _variants(args.ab)
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in variants}
+    for repetition in range(args.repetitions):
+        for label, overrides in variants if repetition % 2 == 0 else variants[::-1]:
+            with tempfile.TemporaryDirectory(prefix="post-train-demo-bench-") as work:
+                run = measure(args.recipe, args.scale, Path(work), args.dvc_root.resolve(), overrides)
+            runs[label].append(run)
+            print(
+                f"{label}, repetition {repetition + 1}: {run['wall_seconds']:.1f} s wall, "
+                f"{run['outside_compute_seconds']:.1f} s outside training and generation",
+                flush=True,
+            )
+    result = {
+        "recipe": args.recipe,
+        "scale": args.scale,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "post_train_commit": git_commit(REPO_ROOT, short=True, mark_dirty=True),
+        "load_averages": [run["load_average_at_start"] for label in runs for run in runs[label]],
+        "variants": [{"label": label, "summary": summarise(runs[label]), "runs": runs[label]} for label, _ in variants],
+    }
     name = args.name or f"demo-{args.scale}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")

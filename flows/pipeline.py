@@ -26,7 +26,7 @@ from post_train.config import PipelineConfig
 from post_train.data import data_counts
 from post_train.results import Champion, Evaluation, HeadToHead, PreparedData, Registration, TrainedModel
 from post_train.run_summary import head_to_head_rows, mlflow_run_url, model_version_url, win_rate_rows
-from post_train.stages import RunContext
+from post_train.stages import RunContext, warm_up
 from post_train.tracking import (
     experiment_id,
     flatten,
@@ -132,6 +132,7 @@ def post_train(
     reruns every stage even when its cached result matches.
     """
     config = validated_config(recipe, scale, overrides)  # every problem with the inputs, before any work
+    warm_up(config)  # the stages' warm server imports while the flow prepares the data
     run_name = flow_run.get_name() or "local"
     run_dir = _run_directory(config.runs_dir, config.recipe, run_name)
     (run_dir / "config.json").write_text(config.model_dump_json(indent=2))

@@ -257,7 +257,10 @@ def _command(args: argparse.Namespace) -> int:
         return 0
     overrides = parse_overrides(args.override)
     from flows.pipeline import post_train
+    from post_train.config import load_config
+    from post_train.stages import warm_up
 
+    warm_up(load_config(args.recipe, args.scale, overrides))  # its imports overlap the Prefect server's start
     try:
         with run_api():
             summary = post_train(recipe=args.recipe, scale=args.scale, overrides=flatten(overrides), force=args.force)

@@ -472,6 +472,12 @@ class ComputeConfig(StrictModel):
         description="local: CPU threads of each stage process (OMP_NUM_THREADS); None: torch's default, every core. "
         "The count changes floating-point sums, so it is recorded with every stage run.",
     )
+    warm_start: bool = Field(
+        default=True,
+        description="local: fork each single-process stage from a process that has already imported torch, "
+        "transformers and MLflow (post_train/executors/warm.py) instead of starting a fresh Python; false: a fresh "
+        "`python -m` per stage.",
+    )
     # skypilot
     accelerators: Accelerators = Field(
         default="H100:8", description="skypilot: GPUs per node, SkyPilot's `NAME:COUNT`."

@@ -151,6 +151,14 @@ REGISTER = Stage("register", "tasks.register", retry_delays=(5, 30))
 STAGE_DECLARATIONS = (PREPARE, PRETRAIN, SFT, DPO, JOINT, EVALUATE, FETCH_CHAMPION, HEAD_TO_HEAD, REGISTER)
 
 
+def warm_up(config: PipelineConfig) -> None:
+    """Let the executors of the command stages prepare ahead of them (the local one starts its warm server)."""
+    for stage in STAGE_DECLARATIONS:
+        if stage.key is not None:
+            placed = config.model_copy(update={"compute": config.compute.for_stage(stage.name)})
+            executor_class(placed.compute.backend)(placed).warm_up()
+
+
 def _context_arguments(function: Callable[..., Any], context: RunContext, output_dir: Path) -> dict[str, Any]:
     """The run context's parts that `function` asks for by name (`output_dir` is created when asked for)."""
     accepted = inspect.signature(function).parameters

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Mapping
 
 from post_train.config import PipelineConfig
+from post_train.executors import warm
 
 MAIN_PROCESS_PORT = 29500
 PROGRESS_EVERY = 10
@@ -84,26 +85,9 @@ def _pump(pipe: IO[bytes], echo: IO[str], lines: queue.Queue, progress_every: in
     lines.put(None)
 
 
-def run_command(
-    command: list[str],
-    env: Mapping[str, str] | None = None,
-    on_line: Callable[[str], None] | None = None,
-    cwd: Path | str | None = None,
-    progress_every: int = PROGRESS_EVERY,
-) -> int:
-    """Run `command` and return its exit status; with `on_line`, stream its output (see `OutputLines`).
-
-    Without `on_line` the command writes to this process's terminal directly, as `subprocess.run` does. With it,
-    stdout and stderr are piped (Python children unbuffered, so lines arrive as they are printed), echoed to
-    `sys.stdout`/`sys.stderr`, and `on_line` is called from the calling thread only, since a logger may depend on
-    the caller's context (Prefect's run context is a context variable, which threads do not inherit). Interrupted
-    (Ctrl-C, a cancelled task), the command is killed, as `subprocess.run` does.
-    """
-    if on_line is None:
-        return subprocess.run(command, env=env, cwd=cwd).returncode
-    environment = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
+def _stream(process: Any, on_line: Callable[[str], None], progress_every: int) -> int:
+    """Echo and pass on the piped output of a started `process` (a `Popen`, or a `ForkedProcess`) until it ends."""
     lines: queue.Queue[str | None] = queue.Queue()
-    process = subprocess.Popen(command, env=environment, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         for pipe, echo in ((process.stdout, sys.stdout), (process.stderr, sys.stderr)):
             threading.Thread(target=_pump, args=(pipe, echo, lines, progress_every), daemon=True).start()
@@ -126,6 +110,59 @@ def run_command(
         process.kill()
         process.wait()
         raise
+
+
+def run_command(
+    command: list[str],
+    env: Mapping[str, str] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    cwd: Path | str | None = None,
+    progress_every: int = PROGRESS_EVERY,
+) -> int:
+    """Run `command` and return its exit status; with `on_line`, stream its output (see `OutputLines`).
+
+    Without `on_line` the command writes to this process's terminal directly, as `subprocess.run` does. With it,
+    stdout and stderr are piped (Python children unbuffered, so lines arrive as they are printed), echoed to
+    `sys.stdout`/`sys.stderr`, and `on_line` is called from the calling thread only, since a logger may depend on
+    the caller's context (Prefect's run context is a context variable, which threads do not inherit). Interrupted
+    (Ctrl-C, a cancelled task), the command is killed, as `subprocess.run` does.
+    """
+    if on_line is None:
+        return subprocess.run(command, env=env, cwd=cwd).returncode
+    environment = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, env=environment, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return _stream(process, on_line, progress_every)
+
+
+def run_forked(
+    server: warm.WarmServer,
+    module: str,
+    arguments: list[str],
+    env: Mapping[str, str],
+    on_line: Callable[[str], None] | None = None,
+    progress_every: int = PROGRESS_EVERY,
+) -> int:
+    """`run_command` for `python -m <module> <arguments>` in `env`, forked from a warm server (in its directory)."""
+    if on_line is None:
+        process = server.fork(module, arguments, env, sys.stdout.fileno(), sys.stderr.fileno())
+        try:
+            return process.wait()
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+    (stdout_read, stdout_write), (stderr_read, stderr_write) = os.pipe(), os.pipe()
+    try:
+        process = server.fork(module, arguments, env, stdout_write, stderr_write)
+    except BaseException:
+        os.close(stdout_read)
+        os.close(stderr_read)
+        raise
+    finally:
+        os.close(stdout_write)
+        os.close(stderr_write)
+    process.stdout, process.stderr = os.fdopen(stdout_read, "rb"), os.fdopen(stderr_read, "rb")
+    return _stream(process, on_line, progress_every)
 
 
 def stage_command(
@@ -177,6 +214,18 @@ class LocalExecutor:
     def preflight(self, arguments: Mapping[str, Any]) -> None:
         """Nothing to check here: the machine running the flow runs the stage."""
 
+    def environment(self) -> dict[str, str]:
+        """A stage command's environment: this process's, with `compute.torch_threads` applied."""
+        if self.compute.torch_threads is None:
+            return dict(os.environ)
+        threads = str(self.compute.torch_threads)
+        return os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+    def warm_up(self) -> None:
+        """Start the warm server single-process commands fork from, so that its imports overlap other work."""
+        if self.compute.warm_start:
+            warm.server(self.environment(), Path.cwd())
+
     def run(
         self,
         stage: str,
@@ -186,12 +235,16 @@ class LocalExecutor:
         distributed: bool,
         on_line: Callable[[str], None] | None = None,
     ) -> tuple[int, str]:
-        """Run the stage's command here; with `on_line`, its output lines go there too (`run_command`)."""
+        """Run the stage's command here; with `on_line`, its output lines go there too (`run_command`).
+
+        One process with `compute.warm_start` is forked from the warm server (`warm`), else a fresh process.
+        """
         processes = self.compute.num_processes if distributed else 1
+        if processes == 1 and self.compute.warm_start:
+            arguments, environment = ["--inputs", str(inputs), "--outputs", str(outputs)], self.environment()
+            server = warm.server(environment, Path.cwd())
+            description = f"`python -m {module} {' '.join(arguments)}` (forked from warm server {server.process.pid})"
+            return run_forked(server, module, arguments, environment, on_line), description
         accelerate_config = self.compute.accelerate_config_path() if distributed else None
         command = stage_command(module, inputs, outputs, processes, accelerate_config)
-        environment = None
-        if self.compute.torch_threads is not None:
-            threads = str(self.compute.torch_threads)
-            environment = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        return run_command(command, environment, on_line), f"`{' '.join(command)}`"
+        return run_command(command, self.environment(), on_line), f"`{' '.join(command)}`"

@@ -280,6 +280,9 @@ class SkyPilotExecutor:
     def preflight(self, arguments: Mapping[str, Any]) -> None:
         preflight(self.config, arguments)
 
+    def warm_up(self) -> None:
+        """Nothing to start ahead: each stage is a managed job of its own."""
+
     def run(
         self,
         stage: str,
