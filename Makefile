@@ -66,9 +66,11 @@ bench-quick: install
 bench-gpu: install
 	$(BIN)/python -m benchmarks.run --preset gpu --name bench-gpu $(BENCH_ARGS)
 
-# The share of `make demo`'s wall time spent outside training and generation (fresh cache).
+# The share of `make demo`'s wall time spent outside training and generation (fresh cache), warm-started
+# stages against fresh processes, alternating, 3 runs each; DEMO_BENCH_ARGS overrides (e.g. --repetitions 1).
+DEMO_BENCH_ARGS ?= --ab compute.warm_start=true,false --repetitions 3
 bench-demo: install
-	$(BIN)/python -m benchmarks.demo_overhead --recipe $(RECIPE) --scale $(SCALE)
+	$(BIN)/python -m benchmarks.demo_overhead --recipe $(RECIPE) --scale $(SCALE) $(DEMO_BENCH_ARGS)
 
 # SkyPilot, the client that launches stages on cloud GPUs (compute.backend: skypilot), in its own
 # virtual environment: it pins click<8.2, which huggingface-hub and dvc cannot share. Add cloud

@@ -188,3 +188,56 @@ def test_smoke_benchmark_writes_json_and_markdown(tmp_path: Path):
     for group in result["groups"]:
         for variant in group["variants"]:
             assert f"| {variant['label']}" in text
+
+
+def demo_run(wall: float, sft_run: float, sft_loop: float) -> dict:
+    stages = [
+        {"stage": "sft", "run_seconds": sft_run, "compute_seconds": sft_loop, "cache_hit": False},
+        {"stage": "register", "run_seconds": 1.0, "compute_seconds": None, "cache_hit": False},
+    ]
+    return {
+        "load_average_at_start": 0.5,
+        "wall_seconds": wall,
+        "compute_seconds": sft_loop,
+        "outside_compute_seconds": wall - sft_loop,
+        "outside_compute_share": (wall - sft_loop) / wall,
+        "stages": stages,
+    }
+
+
+def test_demo_overhead_alternates_two_values_of_a_key_and_reports_medians():
+    from benchmarks import demo_overhead
+
+    assert demo_overhead.loop_seconds([1, 3, 5], [1000, 3000, 5000]) == pytest.approx(5.0)  # 1 s a step, from step 0
+    assert demo_overhead._variants("compute.warm_start=true,false") == [
+        ("compute.warm_start=true", ["compute.warm_start=true"]),
+        ("compute.warm_start=false", ["compute.warm_start=false"]),
+    ]
+    with pytest.raises(SystemExit, match="expected KEY=A,B"):
+        demo_overhead._variants("compute.warm_start")
+    runs = {"warm": [demo_run(40, 12, 10), demo_run(50, 13, 10), demo_run(44, 12, 9)], "cold": [demo_run(90, 14, 10)]}
+    variants = [
+        {"label": label, "summary": demo_overhead.summarise(runs[label]), "runs": runs[label]} for label in runs
+    ]
+    warm = variants[0]["summary"]
+    assert warm["wall_seconds"] == {"median": 44, "min": 40, "max": 50, "n": 3}
+    assert warm["outside_compute_seconds"]["median"] == 35
+    assert (
+        warm["stages"]["sft"]["run_seconds"]["median"] == 12 and warm["stages"]["register"]["compute_seconds"] is None
+    )
+    result = {
+        "recipe": "lowlr",
+        "scale": "demo",
+        "date": "2026-12-01",
+        "cpu": "cpu",
+        "cpu_count": 2,
+        "post_train_commit": "abc",
+        "load_averages": [0.5, 1.5],
+        "variants": variants,
+    }
+    text = demo_overhead.markdown(result)
+    assert "4 runs, each with a fresh stage cache and MLflow store, the variants alternating" in text
+    assert "| warm | 44.0 (40.0–50.0) | 10.0 (9.0–10.0) | **35.0 (30.0–40.0)** | 80% (75%–80%) |" in text
+    assert "| cold | 90.0 | 10.0 | **80.0** | 89% |" in text
+    assert "| sft | 12.0 (12.0–13.0) / 10.0 (9.0–10.0) | 14.0 / 10.0 |" in text
+    assert "| register | 1.0 (1.0–1.0) / – | 1.0 / – |" in text

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -44,7 +46,7 @@ def command_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def forked(server: warm.WarmServer, arguments: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
     lines: list[str] = []
-    return run_forked(server, "warm_command", arguments, env, lines.append), lines
+    return run_forked(functools.partial(server.fork, "warm_command", arguments, env), lines.append), lines
 
 
 def test_a_forked_command_gets_its_arguments_directory_environment_output_and_exit_status(command_dir: Path):
@@ -75,10 +77,12 @@ def test_a_forked_command_gets_its_arguments_directory_environment_output_and_ex
 
 def test_a_forked_command_can_be_killed_and_the_server_ends_after_its_last_command(command_dir: Path):
     server = warm.WarmServer(dict(os.environ), command_dir, preload=())
-    process = server.fork("warm_command", ["sleep"], dict(os.environ), os.open(os.devnull, os.O_WRONLY), 2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    process = server.fork("warm_command", ["sleep"], dict(os.environ), devnull, devnull)
+    os.close(devnull)
     server.close()  # no more commands; the running one keeps its status channel
     time.sleep(1)
-    assert server.alive() and process.poll() is None
+    assert not server.alive() and server.process.poll() is None and process.poll() is None
     process.kill()
     assert process.wait() == -9
     server.process.wait(timeout=10)
@@ -103,7 +107,7 @@ def test_the_thread_count_of_a_forked_torch_is_its_environments(command_dir: Pat
         env = {**os.environ, "OMP_NUM_THREADS": threads}
         server = warm.WarmServer(env, command_dir, preload=("torch",))
         lines: list[str] = []
-        assert run_forked(server, "threads", [], env, lines.append) == 0
+        assert run_forked(functools.partial(server.fork, "threads", [], env), lines.append) == 0
         server.close()
         assert lines == [threads]
 
@@ -130,4 +134,17 @@ def test_warm_start_chooses_between_a_fork_and_a_fresh_process(tmp_path: Path, m
     assert outcomes[False] == (2, f"`{sys.executable} {arguments}`")
     status, description = outcomes[True]  # json.tool knows no --inputs: exit status 2 either way
     assert status == 2 and description.startswith(f"`python {arguments}`")
-    assert "forked from warm server" in description
+    assert description.endswith("(forked from a warm server)")
+
+
+def test_commands_in_two_environments_from_two_threads_all_run(command_dir: Path, monkeypatch):
+    """Each environment's command replaces the other's server; one already chosen still gets its command."""
+    monkeypatch.setattr(warm, "PRELOAD", ())
+
+    def run(threads: str) -> list[int]:
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        start = functools.partial(warm.fork, env, command_dir, "warm_command", ["0"])
+        return [run_forked(start, lambda line: None) for _ in range(4)]
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(run, ["1", "2"])) == [[0] * 4, [0] * 4]

@@ -8,6 +8,7 @@ flow's logger), with a progress bar's redraws thinned to every `PROGRESS_EVERY`-
 from __future__ import annotations
 
 import codecs
+import functools
 import os
 import queue
 import re
@@ -135,16 +136,13 @@ def run_command(
 
 
 def run_forked(
-    server: warm.WarmServer,
-    module: str,
-    arguments: list[str],
-    env: Mapping[str, str],
+    start: Callable[[int, int], warm.ForkedProcess],
     on_line: Callable[[str], None] | None = None,
     progress_every: int = PROGRESS_EVERY,
 ) -> int:
-    """`run_command` for `python -m <module> <arguments>` in `env`, forked from a warm server (in its directory)."""
+    """`run_command` for a command a warm server forks: `start(stdout fd, stderr fd)` sends it (`warm.fork`)."""
     if on_line is None:
-        process = server.fork(module, arguments, env, sys.stdout.fileno(), sys.stderr.fileno())
+        process = start(sys.stdout.fileno(), sys.stderr.fileno())
         try:
             return process.wait()
         except BaseException:
@@ -153,7 +151,7 @@ def run_forked(
             raise
     (stdout_read, stdout_write), (stderr_read, stderr_write) = os.pipe(), os.pipe()
     try:
-        process = server.fork(module, arguments, env, stdout_write, stderr_write)
+        process = start(stdout_write, stderr_write)
     except BaseException:
         os.close(stdout_read)
         os.close(stderr_read)
@@ -241,10 +239,9 @@ class LocalExecutor:
         """
         processes = self.compute.num_processes if distributed else 1
         if processes == 1 and self.compute.warm_start:
-            arguments, environment = ["--inputs", str(inputs), "--outputs", str(outputs)], self.environment()
-            server = warm.server(environment, Path.cwd())
-            description = f"`python -m {module} {' '.join(arguments)}` (forked from warm server {server.process.pid})"
-            return run_forked(server, module, arguments, environment, on_line), description
+            arguments = ["--inputs", str(inputs), "--outputs", str(outputs)]
+            start = functools.partial(warm.fork, self.environment(), Path.cwd(), module, arguments)
+            return run_forked(start, on_line), f"`python -m {module} {' '.join(arguments)}` (forked from a warm server)"
         accelerate_config = self.compute.accelerate_config_path() if distributed else None
         command = stage_command(module, inputs, outputs, processes, accelerate_config)
         return run_command(command, self.environment(), on_line), f"`{' '.join(command)}`"

@@ -123,25 +123,33 @@ class WarmServer:
         """Whether it takes commands: running, and not closed."""
         return self._control.fileno() != -1 and self.process.poll() is None
 
-    def fork(
+    def send(
         self, module: str, arguments: list[str], env: Mapping[str, str], stdout: int, stderr: int
-    ) -> ForkedProcess:
-        """Start `python -m <module> <arguments>` in `env`, writing to the file descriptors `stdout` and `stderr`.
-
-        The pipes' read ends, when the caller made pipes, are the caller's to attach to the result.
-        """
+    ) -> socket.socket:
+        """Send the server `python -m <module> <arguments>` to fork in `env`, writing to the file descriptors
+        `stdout` and `stderr`; the socket its pid and then its exit status will come on."""
         request = {"module": module, "arguments": arguments, "cwd": str(self.cwd), "env": dict(env)}
         request["env"]["PYTHONUNBUFFERED"] = "1"
         message = json.dumps(request).encode()
         mine, theirs = socket.socketpair()
-        with theirs:
-            with self._lock:
-                socket.send_fds(self._control, [message], [stdout, stderr, theirs.fileno()])
-        pid = _read_int(mine)
+        with theirs, self._lock:
+            socket.send_fds(self._control, [message], [stdout, stderr, theirs.fileno()])
+        return mine
+
+    def started(self, status: socket.socket, module: str) -> ForkedProcess:
+        """The command sent with `status` once forked (the server's first command waits for its preload)."""
+        pid = _read_int(status)
         if pid is None:
-            mine.close()
+            status.close()
             raise RuntimeError(f"the warm server (pid {self.process.pid}) ended before it forked {module}")
-        return ForkedProcess(pid, mine, None, None)
+        return ForkedProcess(pid, status, None, None)
+
+    def fork(
+        self, module: str, arguments: list[str], env: Mapping[str, str], stdout: int, stderr: int
+    ) -> ForkedProcess:
+        """Start `python -m <module> <arguments>` (see `send`). The pipes' read ends, when the caller made pipes,
+        are the caller's to attach to the result."""
+        return self.started(self.send(module, arguments, env, stdout, stderr), module)
 
     def close(self) -> None:
         """Take no more commands; the server exits once its running commands have."""
@@ -156,19 +164,35 @@ def _server_key(env: Mapping[str, str], cwd: Path) -> tuple[tuple[tuple[str, str
     return tuple(sorted(item for item in env.items() if not item[0].startswith(READ_WHEN_USED))), str(cwd)
 
 
-def server(env: Mapping[str, str], cwd: Path) -> WarmServer:
-    """A running server for commands in `env` and `cwd`, started if there is none (which replaces the one that
-    serves another environment: a flow uses one)."""
+def _running_server(env: Mapping[str, str], cwd: Path) -> WarmServer:
+    """Under `_servers_lock`: the server for `env` and `cwd`, started if there is none, which closes the one that
+    serves another environment (a flow uses one; a closed server still runs the commands it was sent)."""
     key = _server_key(env, cwd)
+    found = _servers.get(key)
+    if found is not None and found.alive():
+        return found
+    for old in _servers.values():
+        old.close()
+    _servers.clear()
+    _servers[key] = WarmServer(env, cwd)
+    return _servers[key]
+
+
+def server(env: Mapping[str, str], cwd: Path) -> WarmServer:
+    """A running server for commands in `env` and `cwd` (see `_running_server`)."""
     with _servers_lock:
-        found = _servers.get(key)
-        if found is not None and found.alive():
-            return found
-        for old in _servers.values():
-            old.close()
-        _servers.clear()
-        _servers[key] = WarmServer(env, cwd)
-        return _servers[key]
+        return _running_server(env, cwd)
+
+
+def fork(
+    env: Mapping[str, str], cwd: Path, module: str, arguments: list[str], stdout: int, stderr: int
+) -> ForkedProcess:
+    """`WarmServer.fork` on the server for `env` and `cwd`, sent under the lock that replaces servers: another
+    thread's command in another environment cannot close the chosen server before it has the command."""
+    with _servers_lock:
+        chosen = _running_server(env, cwd)
+        status = chosen.send(module, arguments, env, stdout, stderr)
+    return chosen.started(status, module)
 
 
 def _exit_code(exit: SystemExit) -> int:
