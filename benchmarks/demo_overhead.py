@@ -143,7 +143,7 @@ def markdown(result: dict[str, Any]) -> str:
         "time outside training and generation",
         "",
         f"{result['date']} on {result['cpu']} ({result['cpu_count']} cores), post-train {result['post_train_commit']}; "
-        f"{runs} runs, each with a fresh stage cache and MLflow store"
+        f"{runs} run{'s' if runs != 1 else ''}, each with a fresh stage cache and MLflow store"
         + (", the variants alternating (the order reversed on every other repetition)" if len(variants) > 1 else "")
         + f"; load average {min(result['load_averages']):.2f}–{max(result['load_averages']):.2f} at their starts. "
         "Medians (min–max), seconds.",
