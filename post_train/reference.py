@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from post_train.modeling import target_logprobs, to_device
+from post_train.modeling import pad_collate, target_logprobs, to_device
 
 DESCRIPTIVE_SUFFIXES = (".md",)
 """Files of a model directory that do not change what it computes (model cards); hidden files are skipped too."""
@@ -129,3 +129,59 @@ def reference_logps(
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return rows, False
+
+
+def add_demonstration_references(
+    load_reference: Callable[[], torch.nn.Module],
+    model_path: str,
+    rows: list[dict[str, Any]],
+    pad_token_id: int,
+    micro_batch_size: int,
+    cache_dir: Path,
+    accelerator,
+) -> bool:
+    """Each demonstration row gets its per-token reference log-probs as `ref_logps` (`reference_logps`);
+    whether they came from the cache."""
+    values, hit = reference_logps(
+        load_reference,
+        model_path,
+        rows,
+        pad_collate(pad_token_id),
+        micro_batch_size,
+        cache_dir,
+        accelerator.device,
+        accelerator,
+    )
+    for row, value in zip(rows, values):
+        row["ref_logps"] = value
+    return hit
+
+
+def add_pair_references(
+    load_reference: Callable[[], torch.nn.Module],
+    model_path: str,
+    pairs: list[dict[str, Any]],
+    pad_token_id: int,
+    micro_batch_size: int,
+    cache_dir: Path,
+    accelerator,
+) -> bool:
+    """Each pair gets the summed reference log-probs of its responses' counted tokens as `ref_chosen` and
+    `ref_rejected` (both sides in one pass, `2 × micro_batch_size` sequences at a time); whether they came from
+    the cache."""
+    sequences = [pair["chosen"] for pair in pairs] + [pair["rejected"] for pair in pairs]
+    values, hit = reference_logps(
+        load_reference,
+        model_path,
+        sequences,
+        pad_collate(pad_token_id),
+        2 * micro_batch_size,
+        cache_dir,
+        accelerator.device,
+        accelerator,
+    )
+    for pair, chosen, rejected in zip(pairs, values[: len(pairs)], values[len(pairs) :]):
+        for side, row in (("chosen", chosen), ("rejected", rejected)):
+            counted = pair[side]["loss_mask"][1:]
+            pair[f"ref_{side}"] = sum(value for value, keep in zip(row, counted) if keep)
+    return hit

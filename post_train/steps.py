@@ -79,14 +79,6 @@ def sequence_logps(
     return sums[:half], sums[half:], lengths[:half], lengths[half:]
 
 
-def add_reference_logps(pairs: list[dict[str, Any]], rows: list[list[float]]) -> None:
-    """Summed reference log-probs of each pair's responses, from per-token rows (chosen rows first)."""
-    for pair, chosen, rejected in zip(pairs, rows[: len(pairs)], rows[len(pairs) :]):
-        for side, row in (("chosen", chosen), ("rejected", rejected)):
-            counted = pair[side]["loss_mask"][1:]
-            pair[f"ref_{side}"] = sum(value for value, keep in zip(row, counted) if keep)
-
-
 def preference_step(loss: PreferenceLoss, fused_logprobs: bool) -> StepFn:
     """One micro-batch of pairs (`pair_collate`) with preference `loss`: its summed loss and TRL's metrics."""
 

@@ -15,11 +15,11 @@ import mlflow
 from losses import preference_loss
 from post_train.config import PipelineConfig
 from post_train.data import Truncation, load_dataset_checked, pair_rows
-from post_train.modeling import load_frozen, load_model, load_tokenizer, pad_collate
-from post_train.reference import reference_logps
+from post_train.modeling import load_frozen, load_model, load_tokenizer
+from post_train.reference import add_pair_references
 from post_train.results import PreparedData, TrainedModel
 from post_train.stage_io import stage_main
-from post_train.steps import add_reference_logps, pair_collate, preference_step
+from post_train.steps import pair_collate, preference_step
 from post_train.tracking import is_main_process, log_curves, log_dataset, stage_run, trained_model
 from post_train.training import frozen_dtype, make_accelerator, rows_drawn, save_checkpoint, train
 
@@ -49,18 +49,15 @@ def run(
     reference_cache_hit, used = None, []
     if loss.needs_ref:
         used = [pairs[index] for index in rows_drawn(len(pairs), settings, accelerator)]
-        sequences = [pair["chosen"] for pair in used] + [pair["rejected"] for pair in used]
-        rows, reference_cache_hit = reference_logps(
+        reference_cache_hit = add_pair_references(
             lambda: load_frozen(sft_model_path, accelerator.device, frozen_dtype(accelerator)),
             sft_model_path,
-            sequences,
-            pad_collate(tokenizer.pad_token_id),
-            2 * settings.micro_batch_size,
+            used,
+            tokenizer.pad_token_id,
+            settings.micro_batch_size,
             Path(config.cache_dir),
-            accelerator.device,
             accelerator,
         )
-        add_reference_logps(used, rows)
     model = load_model(sft_model_path)
 
     with stage_run(

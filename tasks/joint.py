@@ -21,11 +21,11 @@ import torch
 from losses import preference_loss, sft_objective
 from post_train.config import PipelineConfig
 from post_train.data import Truncation, load_dataset_checked, pair_rows, sft_rows
-from post_train.modeling import batch_collate, load_frozen, load_model, load_tokenizer, pad_collate
-from post_train.reference import reference_logps
+from post_train.modeling import batch_collate, load_frozen, load_model, load_tokenizer
+from post_train.reference import add_demonstration_references, add_pair_references
 from post_train.results import PreparedData, TrainedModel
 from post_train.stage_io import stage_main
-from post_train.steps import add_reference_logps, objective_step, old_policy_snapshot, pair_collate, preference_step
+from post_train.steps import objective_step, old_policy_snapshot, pair_collate, preference_step
 from post_train.tracking import is_main_process, log_curves, log_dataset, stage_run, trained_model
 from post_train.training import (
     RolloutFn,
@@ -125,31 +125,26 @@ def run(
     cache_hits = {}
     if objective.needs_ref:
         used = list({id(row["sft"]): row["sft"] for row in drawn}.values())
-        values, cache_hits["sft"] = reference_logps(
+        cache_hits["sft"] = add_demonstration_references(
             frozen_reference,
             start_model_path,
             used,
-            pad_collate(tokenizer.pad_token_id),
+            tokenizer.pad_token_id,
             settings.micro_batch_size,
             Path(config.cache_dir),
-            accelerator.device,
             accelerator,
         )
-        for demonstration, value in zip(used, values):
-            demonstration["ref_logps"] = value
     if loss.needs_ref:
         used = list({id(row["dpo"]): row["dpo"] for row in drawn}.values())
-        values, cache_hits["dpo"] = reference_logps(
+        cache_hits["dpo"] = add_pair_references(
             frozen_reference,
             start_model_path,
-            [pair["chosen"] for pair in used] + [pair["rejected"] for pair in used],
-            pad_collate(tokenizer.pad_token_id),
-            2 * settings.micro_batch_size,
+            used,
+            tokenizer.pad_token_id,
+            settings.micro_batch_size,
             Path(config.cache_dir),
-            accelerator.device,
             accelerator,
         )
-        add_reference_logps(used, values)
     model = load_model(start_model_path)
     sft_step = objective_step(
         objective,

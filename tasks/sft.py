@@ -42,7 +42,7 @@ from post_train.modeling import (
     pad_collate,
     to_device,
 )
-from post_train.reference import reference_logps
+from post_train.reference import add_demonstration_references
 from post_train.results import PreparedData, TrainedModel
 from post_train.stage_io import stage_main
 from post_train.steps import objective_step, old_policy_snapshot
@@ -123,18 +123,15 @@ def run(
     reference_cache_hit, used = None, None
     if objective.needs_ref:
         used = rows_drawn(len(dataset), settings, accelerator, rollout_steps)
-        ref_rows, reference_cache_hit = reference_logps(
+        reference_cache_hit = add_demonstration_references(
             lambda: base,
             base_model_path,
             [dataset[index] for index in used],
-            pad_collate(tokenizer.pad_token_id),
+            tokenizer.pad_token_id,
             settings.micro_batch_size,
             Path(config.cache_dir),
-            accelerator.device,
             accelerator,
         )
-        for index, ref_row in zip(used, ref_rows):
-            dataset[index]["ref_logps"] = ref_row
     model = load_model(base_model_path)
     eval_examples = load_dataset_checked(data.eval, "eval")
     diagnostics_batch = held_out_batch(
