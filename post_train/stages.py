@@ -151,12 +151,17 @@ REGISTER = Stage("register", "tasks.register", retry_delays=(5, 30))
 STAGE_DECLARATIONS = (PREPARE, PRETRAIN, SFT, DPO, JOINT, EVALUATE, FETCH_CHAMPION, HEAD_TO_HEAD, REGISTER)
 
 
+def _executor(stage: Stage, config: PipelineConfig) -> Any:
+    """The executor `stage` runs on: its backend's, built from the config with the stage's placement."""
+    placed = config.model_copy(update={"compute": config.compute.for_stage(stage.name)})
+    return executor_class(placed.compute.backend)(placed)
+
+
 def warm_up(config: PipelineConfig) -> None:
     """Let the executors of the command stages prepare ahead of them (the local one starts its warm server)."""
     for stage in STAGE_DECLARATIONS:
         if stage.key is not None:
-            placed = config.model_copy(update={"compute": config.compute.for_stage(stage.name)})
-            executor_class(placed.compute.backend)(placed).warm_up()
+            _executor(stage, config).warm_up(stage.distributed)
 
 
 def _context_arguments(function: Callable[..., Any], context: RunContext, output_dir: Path) -> dict[str, Any]:
@@ -212,8 +217,7 @@ def run_stage(
     if stage.key is None:
         return function(config=config, **arguments, **_context_arguments(function, context, work_dir))
 
-    placed = config.model_copy(update={"compute": config.compute.for_stage(stage.name)})
-    executor = executor_class(placed.compute.backend)(placed)
+    executor = _executor(stage, config)
     executor.preflight(arguments)
     key = content_key(stage=stage.name, **stage.key(config, arguments), code=module_fingerprint(stage.module))
     checkpoints = Path(config.cache_dir).resolve() / "checkpoints" / stage.name / key
@@ -232,7 +236,7 @@ def run_stage(
             stage.name,
             key,
             stage.module,
-            placed.compute.backend,
+            executor.compute.backend,
         )
         started = time.monotonic()
         streams = output is not None and "on_line" in inspect.signature(executor.run).parameters

@@ -148,3 +148,14 @@ def test_commands_in_two_environments_from_two_threads_all_run(command_dir: Path
 
     with ThreadPoolExecutor(2) as pool:
         assert list(pool.map(run, ["1", "2"])) == [[0] * 4, [0] * 4]
+
+
+def test_a_server_is_started_ahead_only_for_stages_that_will_fork(monkeypatch):
+    started = []
+    monkeypatch.setattr(warm, "server", lambda env, cwd: started.append(cwd))
+    several = LocalExecutor(load_config("lowlr", "smoke", {"compute.num_processes": 2}))
+    several.warm_up(distributed=True)  # accelerate launch: nothing to fork
+    assert started == []
+    several.warm_up(distributed=False)  # evaluation runs in one process
+    LocalExecutor(load_config("lowlr", "smoke", {"compute.warm_start": False})).warm_up(distributed=False)
+    assert started == [Path.cwd()]

@@ -4,7 +4,8 @@ An executor is a class built from the config with the stage's placement as its `
 (`ComputeConfig.for_stage`: the global section with `compute.stages.<stage>` over it), with
 
 - `preflight(arguments)`: raise `ConfigError` for anything it can check before any work;
-- `warm_up()`: start, ahead of the stages, what their commands will need (the local executor's warm server);
+- `warm_up(distributed)`: start, ahead of the stage, what its command will need (the local executor's warm
+  server);
 - `run(stage, module, inputs, outputs, distributed) -> (exit status, description)`: run
   `python -m <module> --inputs <inputs> --outputs <outputs>` and wait for it.
 

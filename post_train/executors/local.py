@@ -219,9 +219,13 @@ class LocalExecutor:
         threads = str(self.compute.torch_threads)
         return os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
-    def warm_up(self) -> None:
-        """Start the warm server single-process commands fork from, so that its imports overlap other work."""
-        if self.compute.warm_start:
+    def _forks(self, distributed: bool) -> bool:
+        """Whether a stage's command is forked from the warm server: one process, and `compute.warm_start`."""
+        return self.compute.warm_start and (not distributed or self.compute.num_processes == 1)
+
+    def warm_up(self, distributed: bool) -> None:
+        """Start the warm server a stage's command will fork from, so that its imports overlap other work."""
+        if self._forks(distributed):
             warm.server(self.environment(), Path.cwd())
 
     def run(
@@ -237,11 +241,11 @@ class LocalExecutor:
 
         One process with `compute.warm_start` is forked from the warm server (`warm`), else a fresh process.
         """
-        processes = self.compute.num_processes if distributed else 1
-        if processes == 1 and self.compute.warm_start:
+        if self._forks(distributed):
             arguments = ["--inputs", str(inputs), "--outputs", str(outputs)]
             start = functools.partial(warm.fork, self.environment(), Path.cwd(), module, arguments)
             return run_forked(start, on_line), f"`python -m {module} {' '.join(arguments)}` (forked from a warm server)"
+        processes = self.compute.num_processes if distributed else 1
         accelerate_config = self.compute.accelerate_config_path() if distributed else None
         command = stage_command(module, inputs, outputs, processes, accelerate_config)
         return run_command(command, self.environment(), on_line), f"`{' '.join(command)}`"

@@ -280,7 +280,7 @@ class SkyPilotExecutor:
     def preflight(self, arguments: Mapping[str, Any]) -> None:
         preflight(self.config, arguments)
 
-    def warm_up(self) -> None:
+    def warm_up(self, distributed: bool) -> None:
         """Nothing to start ahead: each stage is a managed job of its own."""
 
     def run(

@@ -74,10 +74,11 @@ class ForkedProcess:
     UNKNOWN_STATUS = -1
     """The status when the server ended before the command did (it alone could learn the command's)."""
 
-    def __init__(self, pid: int, status: socket.socket, stdout: IO[bytes] | None, stderr: IO[bytes] | None):
+    def __init__(self, pid: int, status: socket.socket):
         self.pid = pid
         self.returncode: int | None = None
-        self.stdout, self.stderr = stdout, stderr
+        self.stdout: IO[bytes] | None = None  # the read ends of its pipes, when the caller made pipes
+        self.stderr: IO[bytes] | None = None
         self._status = status
 
     def _receive(self) -> int:
@@ -142,7 +143,7 @@ class WarmServer:
         if pid is None:
             status.close()
             raise RuntimeError(f"the warm server (pid {self.process.pid}) ended before it forked {module}")
-        return ForkedProcess(pid, status, None, None)
+        return ForkedProcess(pid, status)
 
     def fork(
         self, module: str, arguments: list[str], env: Mapping[str, str], stdout: int, stderr: int
