@@ -236,7 +236,7 @@ def run_stage(
             stage.name,
             key,
             stage.module,
-            executor.compute.backend,
+            config.compute.for_stage(stage.name).backend,
         )
         started = time.monotonic()
         streams = output is not None and "on_line" in inspect.signature(executor.run).parameters
