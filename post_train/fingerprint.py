@@ -79,3 +79,37 @@ def module_fingerprint(module: str, root: Path = REPO_ROOT) -> str:
         digest.update(name.encode())
         digest.update(file.read_bytes())
     return digest.hexdigest()
+
+
+DESCRIPTIVE_SUFFIXES = (".md",)
+"""Files of a model directory that do not change what it computes (model cards); hidden files are skipped too."""
+
+
+def behaviour_files(directory: Path) -> list[Path]:
+    """The files `from_pretrained` may read from a model directory: every top-level file (weights, config, tokenizer
+    files, `chat_template.jinja`, `generation_config.json`, ...) but hidden ones and model cards."""
+    return sorted(
+        file
+        for file in directory.iterdir()
+        if file.is_file() and not file.name.startswith(".") and file.suffix not in DESCRIPTIVE_SUFFIXES
+    )
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """sha256 of a local model's behaviour files (names and content); a Hub model is identified by its name.
+
+    Whatever changes what the model computes or how text becomes tokens changes it; where the directory lies,
+    a model card or a hidden file does not.
+    """
+    path = Path(name_or_path)
+    digest = hashlib.sha256()
+    if not path.is_dir():
+        digest.update(name_or_path.encode())
+        return digest.hexdigest()
+    for file in behaviour_files(path):
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()

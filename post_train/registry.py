@@ -19,9 +19,9 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
 from post_train.config import EvaluationSettings, PipelineConfig
+from post_train.fingerprint import model_fingerprint
 from post_train.judges import judge_fingerprint
 from post_train.modeling import load_tokenizer
-from post_train.reference import model_fingerprint
 
 EVAL_TAG = "eval_hash"
 JUDGE_TAG = "judge"
@@ -94,7 +94,7 @@ def comparability_tags(
     config: PipelineConfig, eval_hash: str, model_path: str, base_model_path: str | None = None
 ) -> dict[str, str]:
     """Every comparability tag of the model at `model_path` (`COMPARABLE_ON`), and its base model: the path or Hub
-    name it was trained from and that model's fingerprint (`post_train.reference.model_fingerprint`), "none" when
+    name it was trained from and that model's fingerprint (`post_train.fingerprint.model_fingerprint`), "none" when
     not given."""
     return {
         **evaluation_identity(config, eval_hash),

@@ -27,9 +27,8 @@ from mlflow.exceptions import MlflowException
 
 from post_train.config import PipelineConfig
 from post_train.executors import executor_class
-from post_train.fingerprint import content_key, module_fingerprint
+from post_train.fingerprint import content_key, model_fingerprint, module_fingerprint
 from post_train.judges import judge_fingerprint
-from post_train.reference import model_fingerprint
 from post_train.results import TrainedModel
 from post_train.run_summary import metrics_line, mlflow_run_url
 from post_train.stage_cache import cached

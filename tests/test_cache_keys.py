@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from post_train.config import load_config
-from post_train.fingerprint import content_key
-from post_train.reference import model_fingerprint
+from post_train.fingerprint import content_key, model_fingerprint
 from post_train.stages import STAGE_DECLARATIONS
 from tasks import prepare
 

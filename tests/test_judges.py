@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from post_train.config import ConfigError, EvaluationConfig, EvaluationSettings, load_config
+from post_train.fingerprint import model_fingerprint
 from post_train.judges import JUDGES, judge_class, judge_fingerprint, make_judge
 from post_train.judges.base import Judge, JudgeSettings
 from post_train.judges.gold import GoldJudge, GoldJudgeSettings
 from post_train.judges.llm import JudgeError, LLMJudge, LLMJudgeSettings, candidate_shown_first, first_preference
 from post_train.judges.reward_model import RewardModelJudge, RewardModelJudgeSettings
-from post_train.reference import model_fingerprint
 
 SECRET = "sk-test-0123456789abcdef-never-store-me"
 KEY_ENV = "POST_TRAIN_TEST_JUDGE_KEY"

@@ -69,7 +69,7 @@ class RewardModelJudge(Judge):
     @classmethod
     def fingerprint(cls, settings: RewardModelJudgeSettings):
         """The settings and the weights: a reward model retrained in place at the same path scores differently."""
-        from post_train.reference import model_fingerprint
+        from post_train.fingerprint import model_fingerprint
 
         return {**super().fingerprint(settings), "weights": model_fingerprint(settings.name_or_path)}
 
