@@ -92,7 +92,12 @@ def test_one_server_per_environment_up_to_what_is_read_when_used(command_dir: Pa
     monkeypatch.setattr(warm, "PRELOAD", ())
     env = dict(os.environ)
     first = warm.server(env, command_dir)
-    used_later = {"MLFLOW_TRACKING_URI": "sqlite:///other.db", "PREFECT_API_URL": "x", "_MLFLOW_TELEMETRY_X": "y"}
+    used_later = {
+        "MLFLOW_TRACKING_URI": "sqlite:///other.db",
+        "PREFECT_API_URL": "x",
+        "_MLFLOW_TELEMETRY_X": "y",
+        "TORCHINDUCTOR_CACHE_DIR": "/tmp/z",  # torch in the flow's process sets it mid-run
+    }
     assert warm.server({**env, **used_later}, command_dir) is first
     other = warm.server({**env, "OMP_NUM_THREADS": "1"}, command_dir)
     assert other is not first

@@ -43,6 +43,9 @@ PRELOAD = (
     "accelerate",
     "mlflow",
     "mlflow.tracking",
+    "mlflow.store.tracking.sqlalchemy_store",  # a local store's backend, ~1.3 s: imported on a run's first call
+    "git",  # MLflow tags a run with the source's git commit
+    "trl.data_utils",  # the chat-template rendering helpers; trl scans every installed package at import
     "pandas",
     "matplotlib.pyplot",
     "datasets",
@@ -50,9 +53,10 @@ PRELOAD = (
 """What every stage imports and takes seconds to import: a server's default preload."""
 REAP_INTERVAL_S = 0.05
 """How often the server looks for children that have exited: the latency a stage's exit status has."""
-READ_WHEN_USED = ("PREFECT_", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "_MLFLOW_")
+READ_WHEN_USED = ("PREFECT_", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "_MLFLOW_", "TORCHINDUCTOR_CACHE_DIR")
 """Variables (or prefixes) a command's environment may differ in from its server's: Prefect is not preloaded;
-MLflow reads its tracking and registry URIs on each use, and sets its private ones (a telemetry session) itself."""
+MLflow reads its tracking and registry URIs on each use, and sets its private ones (a telemetry session) itself;
+torch sets and reads its compile cache directory when it first compiles (the flow's process sets it during a run)."""
 MAX_REQUEST_BYTES = 1 << 20
 _STATUS = struct.Struct("!q")
 
