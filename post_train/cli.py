@@ -214,16 +214,17 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "compare":
         from post_train.comparison import plan_grid
 
-        if not _validated(args):  # refuse bad input and a bad grid before Prefect starts
+        if not _validated(args):  # refuse bad input and a bad grid before anything starts
             return 2
         overrides = flatten(parse_overrides(args.override))
         plan_grid(
             args.recipe, args.scale, args.objectives, args.learning_rates, args.seeds, overrides, args.parallelism
         )
-        from flows.compare import compare
+        with run_api() as api:  # the server starts while the flow's modules import
+            from flows.compare import compare
 
-        try:
-            with run_api():
+            try:
+                api.ready()
                 result = compare(
                     recipe=args.recipe,
                     scale=args.scale,
@@ -234,9 +235,9 @@ def _command(args: argparse.Namespace) -> int:
                     parallelism=args.parallelism,
                     force=args.force,
                 )
-        except ServerError as error:
-            print(f"post-train: {error}", file=sys.stderr)
-            return 1
+            except ServerError as error:
+                print(f"post-train: {error}", file=sys.stderr)
+                return 1
         print("\n" + result["markdown"])
         if result["aggregated_markdown"]:
             print("mean over seeds (95% CI: Student t over the per-seed win rates):\n")
@@ -251,22 +252,24 @@ def _command(args: argparse.Namespace) -> int:
         print("recipes:", ", ".join(available_recipes()))
         print("scales: ", ", ".join(available_scales()))
         return 0
-    if not _validated(args):  # refuse bad input before Prefect starts
+    if not _validated(args):  # refuse bad input before anything starts
         return 2
     if args.command == "validate":
         return 0
-    overrides = parse_overrides(args.override)
-    from flows.pipeline import post_train
-    from post_train.config import load_config
-    from post_train.stages import warm_up
+    with run_api() as api:  # the server starts while the stages' and the flow's modules import
+        overrides = parse_overrides(args.override)
+        from post_train.config import load_config
+        from post_train.stages import warm_up
 
-    warm_up(load_config(args.recipe, args.scale, overrides))  # its imports overlap the Prefect server's start
-    try:
-        with run_api():
+        warm_up(load_config(args.recipe, args.scale, overrides))  # the stages' libraries import meanwhile too
+        from flows.pipeline import post_train
+
+        try:
+            api.ready()
             summary = post_train(recipe=args.recipe, scale=args.scale, overrides=flatten(overrides), force=args.force)
-    except ServerError as error:
-        print(f"post-train: {error}", file=sys.stderr)
-        return 1
+        except ServerError as error:
+            print(f"post-train: {error}", file=sys.stderr)
+            return 1
     print(format_summary(summary))
     return 0
 
@@ -285,10 +288,11 @@ def _study(args: argparse.Namespace) -> int:
     inputs = [f"{key}={value}" for key, value in {**baseline.overrides, **overrides}.items()]
     if not _validated(argparse.Namespace(recipe=baseline.recipe, scale=spec.scale, override=inputs, debug=args.debug)):
         return 2
-    from flows.study import run_study
+    with run_api() as api:
+        from flows.study import run_study
 
-    try:
-        with run_api():
+        try:
+            api.ready()
             result = run_study(
                 name=args.name,
                 seeds=args.seeds,
@@ -297,9 +301,9 @@ def _study(args: argparse.Namespace) -> int:
                 report_dir=args.report_dir,
                 force=args.force,
             )
-    except ServerError as error:
-        print(f"post-train: {error}", file=sys.stderr)
-        return 1
+        except ServerError as error:
+            print(f"post-train: {error}", file=sys.stderr)
+            return 1
     print(f"study {args.name}: {len(plan.cells)} cells; report {result['report']} (copied to {args.report_dir})")
     for claim in result["claims"]:
         print(f"  {claim['verdict']:>13}: {claim['paper']}: {claim['statement']}")

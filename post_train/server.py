@@ -13,19 +13,24 @@ one SIGTERM to one pid; `SubprocessASGIServer` (the temporary server) serves no 
 127.0.0.1 only and is stopped with a 5 s grace. Neither sets the UI's API URL from the port: with `--port N`
 the UI still calls `PREFECT_SERVER_API_PORT` (4200) unless `PREFECT_UI_API_URL` says otherwise.
 
-`run_api` is what `post-train run` and `post-train compare` use: the configured API, a server
-already answering at the default address, or Prefect's temporary server given more time than
-Prefect's own 20 s, which a loaded machine exceeds.
+`run_api` is what `post-train run`, `compare` and `study` use: the configured API, a server already answering
+at the default address, or a temporary server. That one is Prefect 3.8's own temporary server (the command and
+environment of `SubprocessASGIServer._run_uvicorn_command`: the API without its UI, the services an ephemeral
+server runs), started by us when the command begins rather than by Prefect when the flow's first call needs it:
+its ~6 s start then overlaps the command's imports and checks, the client never imports Prefect's server
+package (~3 s), and it gets more time than Prefect's own 20 s, which a loaded machine exceeds.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, Mapping
 from urllib.parse import urlsplit
@@ -37,8 +42,6 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0", "::1"}
 # The first start of a server runs its database migrations: 20 s or more on 2 cores.
 STARTUP_TIMEOUT_S = 180.0
 EPHEMERAL_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
-EPHEMERAL_TIMED_OUT = "Timed out while attempting to connect to ephemeral Prefect API server"
-"""How Prefect 3.8's temporary server says it did not answer in time (`SubprocessASGIServer.start`)."""
 
 
 class ServerError(RuntimeError):
@@ -126,7 +129,7 @@ def wait_until_healthy(
             raise ServerError(
                 f"`{' '.join(process.args)}` exited with status {process.returncode} before {api_url} was healthy"
             )
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise ServerError(f"{api_url}/health did not answer within {timeout:.0f} s")
 
 
@@ -175,41 +178,100 @@ def ephemeral_startup_timeout() -> int:
     return int(os.environ.get(EPHEMERAL_TIMEOUT_ENV) or STARTUP_TIMEOUT_S)
 
 
+TEMPORARY_SERVER_ENV = {
+    "PREFECT_SERVER_UI_ENABLED": "0",
+    "PREFECT__SERVER_EPHEMERAL": "1",
+    "PREFECT__SERVER_FINAL": "1",
+}
+"""What Prefect 3.8 sets for its temporary server: no UI, and the services of an ephemeral server."""
+
+
+def temporary_server_command(port: int) -> list[str]:
+    """Prefect 3.8's temporary server on 127.0.0.1:`port` (`SubprocessASGIServer._run_uvicorn_command`)."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "prefect.server.api.server:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "error",
+        "--lifespan",
+        "on",
+    ]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class RunApi:
+    """The API a run reports to; `ready()` before the flow starts."""
+
+    url: str
+    server: subprocess.Popen | None = None
+    """The temporary server `run_api` started, still coming up."""
+    timeout: float = STARTUP_TIMEOUT_S
+
+    def ready(self) -> str:
+        """The URL, once a temporary server answers there; a one-line `ServerError` saying what to do if it does
+        not answer within `timeout` seconds or exits first."""
+        if self.server is not None:
+            try:
+                wait_until_healthy(self.url, self.server, self.timeout)
+            except ServerError:
+                exited = self.server.poll()
+                problem = f"exited ({exited})" if exited is not None else f"did not answer within {self.timeout:.0f} s"
+                raise ServerError(
+                    f"Prefect's temporary API server {problem}; give it longer ({EPHEMERAL_TIMEOUT_ENV}=600) or "
+                    f"start a server (`prefect server start` in another shell, then export "
+                    f"PREFECT_API_URL={DEFAULT_API_URL})"
+                ) from None
+        return self.url
+
+
 @contextmanager
-def run_api() -> Iterator[str | None]:
+def run_api() -> Iterator[RunApi]:
     """The Prefect API one run reports to, inside the block.
 
     `PREFECT_API_URL` (environment or profile) when set; else a server already answering at
     http://127.0.0.1:4200/api (`prefect server start`, `make serve`: the run shows up there live, and no second
-    server opens the same database); else (None) Prefect's temporary server, which Prefect starts when the flow
-    begins, given `ephemeral_startup_timeout()` seconds; if it does not answer in time, a one-line `ServerError`.
+    server opens the same database); else a temporary server started now on a free port with the default database
+    (under `PREFECT_HOME`), given `ephemeral_startup_timeout()` seconds by `ready()`, and stopped when the block
+    exits. Inside the block `PREFECT_API_URL` names the server chosen.
     """
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-
     configured = configured_api_url()
     if configured:
-        yield configured
+        yield RunApi(configured)
         return
     if is_healthy(DEFAULT_API_URL):
         print(f"Using the Prefect server at {DEFAULT_API_URL}", flush=True)
         with reporting_to(DEFAULT_API_URL) as url:
-            yield url
+            yield RunApi(url)
         return
-    timeout = ephemeral_startup_timeout()
-    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: timeout}):
-        try:
-            yield None
-        except RuntimeError as error:
-            if EPHEMERAL_TIMED_OUT not in str(error):
-                raise
-            from prefect.server.api.server import SubprocessASGIServer
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    print(f"Starting a temporary Prefect server on {url} (`prefect server start` keeps one running)", flush=True)
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **TEMPORARY_SERVER_ENV}
+    server = subprocess.Popen(temporary_server_command(port), env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        with reporting_to(url):
+            yield RunApi(url, server, ephemeral_startup_timeout())
+    finally:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
 
-            SubprocessASGIServer().stop()  # the server that was too slow: still starting, and nobody's now
-            raise ServerError(
-                f"Prefect's temporary API server did not answer within {timeout} s; give it longer "
-                f"({EPHEMERAL_TIMEOUT_ENV}=600) or start a server (`prefect server start` in another shell, then "
-                f"export PREFECT_API_URL={DEFAULT_API_URL})"
-            ) from None
+        # Their own drain runs at interpreter exit, when this server is gone: they would retry for a minute.
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+        stop_process_group(server, grace=5.0)
 
 
 @contextmanager

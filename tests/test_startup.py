@@ -1,9 +1,12 @@
-"""Starting a run from the shell without `PREFECT_API_URL`: Prefect's temporary API server gets minutes, not Prefect's
-20 s, to answer on a loaded machine; one that does not answer in time is a one-line error that says what to do."""
+"""Starting a run from the shell without `PREFECT_API_URL`: the temporary API server gets minutes, not Prefect's 20 s,
+to answer on a loaded machine; one that does not answer in time is a one-line error that says what to do; one that
+does answer holds the whole run, its last log lines included, and is stopped with the command."""
 
 from __future__ import annotations
 
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from post_train.server import DEFAULT_API_URL, EPHEMERAL_TIMEOUT_ENV, ephemeral_startup_timeout, is_healthy
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_temporary_server_gets_minutes_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch):
@@ -26,7 +31,7 @@ def test_a_temporary_server_that_does_not_answer_in_time_is_one_line_saying_what
     env = {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"}
     env.update({"PREFECT_HOME": str(tmp_path / "prefect"), EPHEMERAL_TIMEOUT_ENV: "1"})
     command = [sys.executable, "-m", "post_train.cli", "run", "--scale", "smoke", "-o", f"runs_dir={tmp_path / 'runs'}"]
-    command += ["-o", f"data.dvc_root={Path(__file__).resolve().parents[1]}"]
+    command += ["-o", f"data.dvc_root={REPO}"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -35,3 +40,27 @@ def test_a_temporary_server_that_does_not_answer_in_time_is_one_line_saying_what
     assert f"{EPHEMERAL_TIMEOUT_ENV}=600" in last and "prefect server start" in last
     assert f"PREFECT_API_URL={DEFAULT_API_URL}" in last
     assert not (tmp_path / "runs").exists()  # no work started
+
+
+def test_a_run_from_the_shell_reports_everything_to_its_temporary_server_then_stops_it(tmp_path: Path):
+    """The server starts with the command, gets every log line before it stops (Prefect's log worker would
+    otherwise retry against a stopped server for a minute at exit), and is gone when the command returns."""
+    if is_healthy(DEFAULT_API_URL):
+        pytest.skip(f"a Prefect server answers at {DEFAULT_API_URL}: the run would use it")
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("PREFECT_API", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    command = [sys.executable, "-m", "post_train.cli", "run", "--scale", "smoke"]
+    for override in (f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", f"data.dvc_root={REPO}"):
+        command += ["-o", override]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Error logging to API" not in output and "Failed to send telemetry" not in output
+    url = re.search(r"Starting a temporary Prefect server on (http://127\.0\.0\.1:\d+/api)", output).group(1)
+    assert not is_healthy(url)
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as database:
+        assert database.execute("select state_type from flow_run").fetchall() == [("COMPLETED",)]
+        messages = [message for (message,) in database.execute("select message from log")]
+    assert any(message.startswith("sft: finished, MLflow run") for message in messages)  # a task run's log
+    assert any(message.startswith("summary:") for message in messages)  # the flow's last lines
+    assert messages.count("Finished in state Completed()") >= 2  # the task runs' and the flow run's
