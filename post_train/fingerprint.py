@@ -102,11 +102,15 @@ def model_fingerprint(name_or_path: str) -> str:
     a model card or a hidden file does not.
     """
     path = Path(name_or_path)
-    digest = hashlib.sha256()
     if not path.is_dir():
-        digest.update(name_or_path.encode())
-        return digest.hexdigest()
-    for file in behaviour_files(path):
+        return hashlib.sha256(name_or_path.encode()).hexdigest()
+    return files_sha256(behaviour_files(path))
+
+
+def files_sha256(files: list[Path]) -> str:
+    """sha256 of `files`' names and contents, in the order given."""
+    digest = hashlib.sha256()
+    for file in files:
         digest.update(file.name.encode() + b"\0")
         with file.open("rb") as handle:
             while chunk := handle.read(1 << 24):

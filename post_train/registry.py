@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
 from post_train.config import EvaluationSettings, PipelineConfig
-from post_train.fingerprint import model_fingerprint
+from post_train.fingerprint import files_sha256, model_fingerprint
 from post_train.judges import judge_fingerprint
 from post_train.modeling import load_tokenizer
 
@@ -46,14 +46,7 @@ def weights_sha256(model_path: str) -> str:
     files = sorted(Path(model_path).glob("*.safetensors"))
     if not files:
         raise ValueError(f"{model_path} holds no *.safetensors file: the registry identifies a model by its weights")
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode() + b"\0")
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()
+    return files_sha256(files)
 
 
 def tokenizer_sha256(model_path: str) -> str:
