@@ -16,6 +16,7 @@ import pytest
 from post_train.server import DEFAULT_API_URL, EPHEMERAL_TIMEOUT_ENV, ephemeral_startup_timeout, is_healthy
 
 REPO = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).parent / "post-train")
 
 
 def test_the_temporary_server_gets_minutes_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch):
@@ -49,7 +50,7 @@ def test_a_run_from_the_shell_reports_everything_to_its_temporary_server_then_st
         pytest.skip(f"a Prefect server answers at {DEFAULT_API_URL}: the run would use it")
     env = {name: value for name, value in os.environ.items() if not name.startswith(("PREFECT_API", "MLFLOW_"))}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    command = [sys.executable, "-m", "post_train.cli", "run", "--scale", "smoke"]
+    command = [CLI, "run", "--scale", "smoke"]
     for override in (f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", f"data.dvc_root={REPO}"):
         command += ["-o", override]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -64,3 +65,17 @@ def test_a_run_from_the_shell_reports_everything_to_its_temporary_server_then_st
     assert any(message.startswith("sft: finished, MLflow run") for message in messages)  # a task run's log
     assert any(message.startswith("summary:") for message in messages)  # the flow's last lines
     assert messages.count("Finished in state Completed()") >= 2  # the task runs' and the flow run's
+
+
+@pytest.mark.parametrize(
+    ("arguments", "status", "expected"),
+    [
+        (["recipes"], 0, "scales:  demo, smoke"),  # printed into a pipe: flushed before the exit
+        (["nonsense"], 2, "invalid choice: 'nonsense'"),  # argparse's SystemExit
+        (["validate", "--scale", "smoke", "--debug", "-o", "sft.learning_rate=abc"], 1, "Traceback"),  # uncaught
+    ],
+)
+def test_the_command_keeps_its_exit_status_and_output_when_it_skips_the_teardown(arguments, status, expected):
+    result = subprocess.run([CLI, *arguments], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == status, result.stderr[-2000:]
+    assert expected in result.stdout + result.stderr
