@@ -294,7 +294,14 @@ def log_dataset(source: str, name: str, digest: str, context: str) -> None:
     metadata is logged (`MetaDataset`), not the rows."""
     if not is_main_process():
         return
-    mlflow.log_input(MetaDataset(dataset_source(source), name=name, digest=digest), context=context)
+    dataset = MetaDataset(dataset_source(source), name=name, digest=digest)
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException:
+        # Two stages logging the same new dataset at once (the cells of a compare run): the store's get-or-create
+        # is not atomic, so the later insert breaks its unique (experiment, name, digest) key and is rolled back;
+        # the dataset exists by then, and a second call links it (seen in the suite).
+        mlflow.log_input(dataset, context=context)
 
 
 CURVE_PANEL_PX = (480, 360)
