@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from post_train.tracking import log_dataset
+from post_train.tracking import experiment_id, log_dataset
 
 UNIQUE_FAILURE = "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, ..."
 
@@ -32,8 +32,8 @@ def test_a_dataset_another_stage_logged_meanwhile_is_linked_all_the_same(
         return real(dataset, context=context, **kwargs)
 
     monkeypatch.setattr(mlflow, "log_input", raced)
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=experiment_id()) as run:  # where a stage's run goes
         log_dataset(str(source), "preferences", "7f2f4207b25d12a0b8f1a42daddfb4b9", "training")
-    inputs = MlflowClient(mlflow_store).get_run(run.info.run_id).inputs.dataset_inputs
+    inputs = MlflowClient(mlflow.get_tracking_uri()).get_run(run.info.run_id).inputs.dataset_inputs
     assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("preferences", "7f2f4207b25d12a0b8f1a42daddfb4b9")]
     assert calls == ["training", "training"]
