@@ -17,7 +17,7 @@ the UI still calls `PREFECT_SERVER_API_PORT` (4200) unless `PREFECT_UI_API_URL` 
 at the default address, or a temporary server. That one is Prefect 3.8's own temporary server (the command and
 environment of `SubprocessASGIServer._run_uvicorn_command`: the API without its UI, the services an ephemeral
 server runs), started by us when the command begins rather than by Prefect when the flow's first call needs it:
-its ~6 s start then overlaps the command's imports and checks, the client never imports Prefect's server
+its ~6 s start then overlaps the imports after the checks, the client never imports Prefect's server
 package (~3 s), and it gets more time than Prefect's own 20 s, which a loaded machine exceeds.
 """
 
