@@ -26,7 +26,6 @@ from pydantic import (
     model_validator,
 )
 
-from losses import PREFERENCE_LOSSES, SFT_OBJECTIVES, preference_loss, sft_objective
 from post_train.errors import ConfigError
 from post_train.executors import EXECUTORS
 from post_train.judges import JUDGES, judge_class
@@ -219,15 +218,21 @@ class SFTConfig(PromptCompletionConfig):
         default=1.0, gt=0, description="How far one measurement moves log(lr) at most (the controller's gain)."
     )
 
+    # `losses` (torch, ~2 s) is imported when a config is checked, not with this module: the command line reads
+    # the recipes and starts its stage server before it checks anything.
     @field_validator("objective")
     @classmethod
     def _objective_exists(cls, name: str) -> str:
+        from losses import SFT_OBJECTIVES
+
         if name not in SFT_OBJECTIVES:
             raise ValueError(f"unknown SFT objective {name!r}; valid: {', '.join(SFT_OBJECTIVES)}")
         return name
 
     @model_validator(mode="after")
     def _objective_params_fit(self) -> "SFTConfig":
+        from losses import sft_objective
+
         sft_objective(self.objective, **self.objective_params)
         return self
 
@@ -239,12 +244,16 @@ class DPOConfig(PromptCompletionConfig):
     @field_validator("loss")
     @classmethod
     def _loss_exists(cls, name: str) -> str:
+        from losses import PREFERENCE_LOSSES
+
         if name not in PREFERENCE_LOSSES:
             raise ValueError(f"unknown preference loss {name!r}; valid: {', '.join(PREFERENCE_LOSSES)}")
         return name
 
     @model_validator(mode="after")
     def _loss_params_fit(self) -> "DPOConfig":
+        from losses import preference_loss
+
         preference_loss(self.loss, **self.loss_params)
         return self
 

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
-import datasets
-
 from post_train.errors import ConfigError, DataError
 
 DatasetKind = Literal["sft", "preferences", "eval"]
@@ -74,13 +72,21 @@ def _located(origin: str, rows: list[Any]) -> Located:
     return [(f"{origin}, row {index}", row) for index, row in enumerate(rows)]
 
 
+def _loaded_rows(*args: Any, **kwargs: Any) -> list[Any]:
+    """The rows of `datasets.load_dataset(*args, **kwargs)`; `datasets` (~1 s to import) is imported only for a Hub
+    dataset or a file other than JSON lines."""
+    import datasets
+
+    return datasets.load_dataset(*args, **kwargs).to_list()
+
+
 def load_rows(source: str) -> Located:
     """Rows of a local file or directory of files, or of a Hub dataset given as `name` or `name:split`."""
     path = Path(source)
     if not path.exists():
         name, _, split = source.partition(":")
         try:
-            return _located(source, datasets.load_dataset(name, split=split or "train").to_list())
+            return _located(source, _loaded_rows(name, split=split or "train"))
         except Exception as error:  # the Hub client raises many types; the user needs the cause
             raise DataError(f"{source}: not a local path, and loading it as a Hub dataset failed: {error}") from error
     files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_FORMATS) if path.is_dir() else [path]
@@ -95,9 +101,7 @@ def load_rows(source: str) -> Located:
             rows.extend(_located(str(file), _read_json_lines(file)))
             continue
         try:
-            rows.extend(
-                _located(str(file), datasets.load_dataset(builder, data_files=str(file), split="train").to_list())
-            )
+            rows.extend(_located(str(file), _loaded_rows(builder, data_files=str(file), split="train")))
         except Exception as error:  # pyarrow and datasets raise many types for unreadable files
             raise DataError(f"{file}: could not be read as {builder}: {error}") from error
     return rows

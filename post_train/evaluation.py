@@ -328,15 +328,6 @@ def split_metrics(
     return metrics
 
 
-def splits_in(keys: Iterable[str]) -> list[str]:
-    """Splits named by `win_rate/<split>` keys (a metrics dict, a table row): the others sorted, then `all`.
-
-    Every table, plot and model card orders its splits with this, so `all` is the last column everywhere.
-    """
-    found = {key.split("/", 1)[1] for key in keys if key.startswith("win_rate/")}
-    return sorted(found - {ALL}) + ([ALL] if ALL in found else [])
-
-
 # --------------------------------------------------------------------------------------------- diagnostics
 
 

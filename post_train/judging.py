@@ -15,9 +15,10 @@ import mlflow
 
 from post_train.config import PipelineConfig
 from post_train.data import EvalExample, prompt_text
-from post_train.evaluation import GenerationSettings, generate, split_metrics, splits_in
+from post_train.evaluation import GenerationSettings, generate, split_metrics
 from post_train.judges.base import Verdict
 from post_train.modeling import load_frozen
+from post_train.results import splits_in
 
 
 def generation_settings(config: PipelineConfig) -> GenerationSettings:

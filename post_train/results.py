@@ -7,6 +7,7 @@ stages share these types instead of importing each other.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 ALL = "all"
 """The split that pools every evaluation prompt."""
@@ -14,6 +15,15 @@ HEAD_TO_HEAD = "head_to_head/"
 """Prefix of the head-to-head metrics: `head_to_head/win_rate/<split>`, `head_to_head/win_rate_ci_low/<split>`, ..."""
 CHANCE_ACCURACY = 0.5
 """Reward accuracy of a coin flip: a DPO model whose chosen responses win less often than this got worse."""
+
+
+def splits_in(keys: Iterable[str]) -> list[str]:
+    """Splits named by `win_rate/<split>` keys (a metrics dict, a table row): the others sorted, then `all`.
+
+    Every table, plot and model card orders its splits with this, so `all` is the last column everywhere.
+    """
+    found = {key.split("/", 1)[1] for key in keys if key.startswith("win_rate/")}
+    return sorted(found - {ALL}) + ([ALL] if ALL in found else [])
 
 
 @dataclass(frozen=True)

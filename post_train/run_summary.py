@@ -9,8 +9,7 @@ import math
 from typing import Any, Mapping
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from post_train.evaluation import splits_in
-from post_train.results import HEAD_TO_HEAD
+from post_train.results import HEAD_TO_HEAD, splits_in
 
 LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
 """Where `make mlflow-ui` (`mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000`) serves a local store."""

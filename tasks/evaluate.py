@@ -31,14 +31,13 @@ from post_train.evaluation import (
     native_accuracy,
     native_kl,
     split_means,
-    splits_in,
     spread,
 )
 from post_train.judges import make_judge
 from post_train.judges.base import Judge
 from post_train.judging import generate_for, judged_metrics, log_samples, plot_win_rates, samples_table
 from post_train.modeling import load_frozen, load_tokenizer
-from post_train.results import ALL, Evaluation, PreparedData
+from post_train.results import ALL, Evaluation, PreparedData, splits_in
 from post_train.stage_io import stage_main
 from post_train.tracking import log_dataset, stage_run
 

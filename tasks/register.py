@@ -48,7 +48,6 @@ from packaging.version import Version
 
 from post_train.config import EvaluationSettings, PipelineConfig, RegistryConfig
 from post_train.data import describe_counts
-from post_train.evaluation import splits_in
 from post_train.modeling import load_tokenizer
 from post_train.provenance import git_commit
 from post_train.registry import (
@@ -62,7 +61,7 @@ from post_train.registry import (
     version_with_weights,
     weights_sha256,
 )
-from post_train.results import ALL, HEAD_TO_HEAD, Champion, HeadToHead, PreparedData, Registration
+from post_train.results import ALL, HEAD_TO_HEAD, Champion, HeadToHead, PreparedData, Registration, splits_in
 from post_train.tracking import current_champion, registry_lock, regression_tags, stage_run, tracking_uri
 
 LOGGER = logging.getLogger(__name__)

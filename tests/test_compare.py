@@ -16,7 +16,7 @@ from flows.compare import compare, compare_deployment
 from post_train import comparison
 from post_train.comparison import Cell
 from post_train.config import ConfigError
-from post_train.evaluation import splits_in
+from post_train.results import splits_in
 from tests.conftest import smoke_overrides
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
