@@ -163,6 +163,13 @@ def warm_up(config: PipelineConfig) -> None:
             _executor(stage, config).warm_up(stage.distributed)
 
 
+def import_stage_modules() -> None:
+    """Import every stage's module, as `run_stage` would at the stage: the command-line entry does it while it waits
+    for the Prefect server."""
+    for stage in STAGE_DECLARATIONS:
+        importlib.import_module(stage.module)
+
+
 def _context_arguments(function: Callable[..., Any], context: RunContext, output_dir: Path) -> dict[str, Any]:
     """The run context's parts that `function` asks for by name (`output_dir` is created when asked for)."""
     accepted = inspect.signature(function).parameters

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from post_train import cli, server
+from post_train.executors import warm
 from post_train.server import DEFAULT_API_URL, EPHEMERAL_TIMEOUT_ENV, ephemeral_startup_timeout, is_healthy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,17 +28,25 @@ def test_the_temporary_server_gets_minutes_unless_told_otherwise(monkeypatch: py
     assert ephemeral_startup_timeout() == 600
 
 
-def test_a_temporary_server_that_does_not_answer_in_time_is_one_line_saying_what_to_do(tmp_path: Path):
+def test_a_temporary_server_that_does_not_answer_in_time_is_one_line_saying_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
     if is_healthy(DEFAULT_API_URL):
         pytest.skip(f"a Prefect server answers at {DEFAULT_API_URL}: the run would use it")
-    env = {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"}
-    env.update({"PREFECT_HOME": str(tmp_path / "prefect"), EPHEMERAL_TIMEOUT_ENV: "1"})
-    command = [sys.executable, "-m", "post_train.cli", "run", "--scale", "smoke", "-o", f"runs_dir={tmp_path / 'runs'}"]
-    command += ["-o", f"data.dvc_root={REPO}"]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+    # A server that never answers: the real one may well answer before the command asks (it imports meanwhile).
+    never_answers = [sys.executable, "-c", "import time; time.sleep(600)"]
+    monkeypatch.setattr(server, "temporary_server_command", lambda port: never_answers)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv(EPHEMERAL_TIMEOUT_ENV, "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    arguments = ["run", "--scale", "smoke", "-o", f"runs_dir={tmp_path / 'runs'}", "-o", f"data.dvc_root={REPO}"]
+    try:
+        assert cli.main(arguments) == 1
+    finally:
+        warm.server(dict(os.environ), Path.cwd()).close()  # the stage server the run started, sent nothing
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
     assert last.startswith("post-train: Prefect's temporary API server did not answer within 1 s; give it longer")
     assert f"{EPHEMERAL_TIMEOUT_ENV}=600" in last and "prefect server start" in last
     assert f"PREFECT_API_URL={DEFAULT_API_URL}" in last

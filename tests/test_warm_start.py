@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
+import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -19,6 +22,7 @@ from post_train.stages import SFT, RunContext, run_stage
 from tests.conftest import smoke_overrides
 from tests.test_faults import assert_bit_identical
 
+REPO = Path(__file__).resolve().parents[1]
 COMMAND = """
 import atexit, os, sys
 atexit.register(lambda: open("atexit-ran", "w").write("yes"))
@@ -104,6 +108,49 @@ def test_one_server_per_environment_up_to_what_is_read_when_used(command_dir: Pa
     first.process.wait(timeout=10)  # the replaced server ends: nothing was running on it
     assert warm.server({**env, "OMP_NUM_THREADS": "1"}, command_dir) is other
     other.close()
+
+
+def test_a_server_started_early_is_stopped_at_the_end_of_its_block_unless_asked_for(command_dir: Path, monkeypatch):
+    env = dict(os.environ)
+    with warm.started_early(env, command_dir) as unwanted:  # the inputs were refused
+        assert unwanted.alive()
+    assert unwanted.process.wait(timeout=5) == -signal.SIGTERM  # mid-preload: importing torch takes longer
+    assert warm.server(env, command_dir) is not unwanted
+    warm.server(env, command_dir).close()
+
+    monkeypatch.setattr(warm, "PRELOAD", ())
+    with warm.started_early(env, command_dir) as kept:
+        assert warm.server(env, command_dir) is kept  # the configuration forks in this environment
+    assert kept.alive()
+    status, _ = forked(kept, ["0"], env)
+    assert status == 0
+    kept.close()  # it ran a command: it ends on its own, not terminated
+    assert kept.process.wait(timeout=10) == 0
+
+    with warm.started_early(env, command_dir) as replaced:
+        other = warm.server({**env, "OMP_NUM_THREADS": "1"}, command_dir)  # another environment's server
+    assert replaced.process.wait(timeout=5) == -signal.SIGTERM and other.alive()
+    other.close()
+
+
+def test_the_server_started_before_the_checks_serves_the_environment_of_the_stages_that_follow(tmp_path: Path):
+    """`post-train run` starts its server before it imports anything heavy; what it imports until the stages fork
+    may set only variables that are read when used, or the first stage would start (and wait for) a second server."""
+    script = """
+import json, os, sys
+before = dict(os.environ)
+from post_train.validate import validate
+assert not validate("lowlr", "smoke", []).problems
+import flows.pipeline
+from post_train.stages import import_stage_modules
+import_stage_modules()
+from post_train.executors.warm import _server_key
+print(json.dumps([_server_key(before, "."), _server_key(dict(os.environ), ".")]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    early, later = json.loads(done.stdout.splitlines()[-1])
+    assert early == later, {tuple(item) for item in later} ^ {tuple(item) for item in early}
 
 
 def test_the_thread_count_of_a_forked_torch_is_its_environments(command_dir: Path):

@@ -33,8 +33,9 @@ import subprocess
 import sys
 import threading
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Mapping
+from typing import IO, Iterator, Mapping
 
 PRELOAD = (
     "torch",
@@ -123,6 +124,9 @@ class WarmServer:
                 stdin=subprocess.DEVNULL,
             )
         self._lock = threading.Lock()
+        self.claimed = False
+        """Whether a caller of `server` or `fork` has asked for it (`started_early` starts one nobody has yet)."""
+        self._sent = False
 
     def alive(self) -> bool:
         """Whether it takes commands: running, and not closed."""
@@ -139,6 +143,7 @@ class WarmServer:
         mine, theirs = socket.socketpair()
         with theirs, self._lock:
             socket.send_fds(self._control, [message], [stdout, stderr, theirs.fileno()])
+            self._sent = True
         return mine
 
     def started(self, status: socket.socket, module: str) -> ForkedProcess:
@@ -157,8 +162,13 @@ class WarmServer:
         return self.started(self.send(module, arguments, env, stdout, stderr), module)
 
     def close(self) -> None:
-        """Take no more commands; the server exits once its running commands have."""
-        self._control.close()
+        """Take no more commands; the server exits once its running commands have, at once if it was sent none
+        (its imports, if still running, would be for nothing)."""
+        with self._lock:
+            self._control.close()
+            if not self._sent:
+                self.process.terminate()
+                self.process.wait()
 
 
 _servers: dict[tuple[tuple[tuple[str, str], ...], str], WarmServer] = {}
@@ -169,24 +179,42 @@ def _server_key(env: Mapping[str, str], cwd: Path) -> tuple[tuple[tuple[str, str
     return tuple(sorted(item for item in env.items() if not item[0].startswith(READ_WHEN_USED))), str(cwd)
 
 
-def _running_server(env: Mapping[str, str], cwd: Path) -> WarmServer:
+def _running_server(env: Mapping[str, str], cwd: Path, claim: bool = True) -> WarmServer:
     """Under `_servers_lock`: the server for `env` and `cwd`, started if there is none, which closes the one that
     serves another environment (a flow uses one; a closed server still runs the commands it was sent)."""
     key = _server_key(env, cwd)
     found = _servers.get(key)
-    if found is not None and found.alive():
-        return found
-    for old in _servers.values():
-        old.close()
-    _servers.clear()
-    _servers[key] = WarmServer(env, cwd)
-    return _servers[key]
+    if found is None or not found.alive():
+        for old in _servers.values():
+            old.close()
+        _servers.clear()
+        found = _servers[key] = WarmServer(env, cwd)
+    found.claimed = found.claimed or claim
+    return found
 
 
 def server(env: Mapping[str, str], cwd: Path) -> WarmServer:
     """A running server for commands in `env` and `cwd` (see `_running_server`)."""
     with _servers_lock:
         return _running_server(env, cwd)
+
+
+@contextmanager
+def started_early(env: Mapping[str, str], cwd: Path) -> Iterator[WarmServer]:
+    """A server for `env` and `cwd` started before it is known whether anything will fork from it: while a command
+    checks its inputs on one core, the server imports on the other. It is closed (stopped, having been sent
+    nothing) when the block ends unless a `server` or `fork` call inside the block asked for it: the inputs were
+    bad, or their configuration forks from no server or from one in another environment."""
+    with _servers_lock:
+        early = _running_server(env, cwd, claim=False)
+    try:
+        yield early
+    finally:
+        with _servers_lock:
+            if not early.claimed:
+                early.close()
+                if _servers.get(_server_key(env, cwd)) is early:
+                    del _servers[_server_key(env, cwd)]
 
 
 def fork(
