@@ -1,7 +1,8 @@
 """How much of `make demo`'s wall time is not training or generation: `python -m benchmarks.demo_overhead`.
 
-Runs `post-train run --recipe lowlr --scale demo` once, with a fresh stage cache, runs directory
-and MLflow store (the DVC data of the working tree is reused when it is up to date, as `make
+Runs `post-train run --recipe lowlr --scale demo` once (or alternately in two variants: two values of a config
+key, `--ab`, or two commits, `--commits`, each from a git worktree of its own), with a fresh stage cache, runs
+directory and MLflow store (the DVC data of the working tree is reused when it is up to date, as `make
 demo` does), then reads the stage runs back from MLflow:
 - a training stage's loop time (pretrain, sft, dpo) comes from the timestamps of its logged
   `loss`: last minus first logged step, plus one average step for the steps before the first log;
@@ -19,9 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from benchmarks.report import spread
 from post_train.provenance import cpu_model, git_commit
@@ -29,6 +32,8 @@ from post_train.provenance import cpu_model, git_commit
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAINING_STAGES = ("pretrain", "sft", "dpo", "joint")
 GENERATION_STAGES = ("evaluate", "head-to-head")
+LAUNCH = "from post_train.launch import main; main()"
+"""The `post-train` console script's body: run as `python -c` in a source tree, it runs that tree's code."""
 
 
 def loop_seconds(steps: list[int], timestamps_ms: list[int]) -> float | None:
@@ -70,11 +75,14 @@ def stage_times(tracking_uri: str) -> list[dict[str, Any]]:
     return stages
 
 
-def measure(recipe: str, scale: str, work: Path, dvc_root: Path, overrides: list[str]) -> dict[str, Any]:
+def measure(recipe: str, scale: str, work: Path, dvc_root: Path, overrides: list[str], tree: Path) -> dict[str, Any]:
+    """One run of the command from the source tree `tree` (its stages and warm server import that tree's code)."""
     uri = f"sqlite:///{work / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     command = [
-        str(Path(sys.executable).parent / "post-train"),
+        sys.executable,
+        "-c",
+        LAUNCH,
         "run",
         "--recipe",
         recipe,
@@ -91,7 +99,7 @@ def measure(recipe: str, scale: str, work: Path, dvc_root: Path, overrides: list
         command += ["-o", override]
     load = os.getloadavg()[0]
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -175,14 +183,45 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _variants(ab: str | None) -> list[tuple[str, list[str]]]:
-    """`KEY=A,B` as [(label, overrides)] for A and B; None: the recipe as it is."""
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    overrides: list[str]
+    tree: Path
+    """The source tree the command runs from."""
+
+
+@contextmanager
+def worktree(commit: str) -> Iterator[Path]:
+    """A detached git worktree of `commit`, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="post-train-demo-bench-tree-") as parent:
+        tree = Path(parent) / commit
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), commit], cwd=REPO_ROOT, check=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO_ROOT, check=True)
+
+
+def _variants(ab: str | None, commits: str | None, stack: ExitStack) -> list[Variant]:
+    """`--ab KEY=A,B` as the two values of KEY, `--commits A,B` as two worktrees (`stack` removes them); neither: the
+    recipe as it is, in this tree."""
+    if ab is not None and commits is not None:
+        raise SystemExit("--ab and --commits: one comparison at a time")
+    if commits is not None:
+        names = commits.split(",")
+        if len(names) != 2:
+            raise SystemExit(f"--commits {commits!r}: expected A,B, e.g. HEAD~1,HEAD")
+        shas = [git_commit(REPO_ROOT, short=True, revision=name) for name in names]
+        if "unknown" in shas:
+            raise SystemExit(f"--commits {commits!r}: {names[shas.index('unknown')]!r} names no commit here")
+        return [Variant(sha, [], stack.enter_context(worktree(sha))) for sha in shas]
     if ab is None:
-        return [("as configured", [])]
+        return [Variant("as configured", [], REPO_ROOT)]
     key, separator, values = ab.partition("=")
     if not separator or "," not in values:
         raise SystemExit(f"--ab {ab!r}: expected KEY=A,B, e.g. compute.warm_start=true,false")
-    return [(f"{key}={value}", [f"{key}={value}"]) for value in values.split(",")]
+    return [Variant(f"{key}={value}", [f"{key}={value}"], REPO_ROOT) for value in values.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,22 +234,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ab", help="KEY=A,B: two variants of one config key, alternated (e.g. compute.warm_start=true,false)"
     )
+    parser.add_argument(
+        "--commits", help="A,B: two commits, alternated, each run from a worktree of its own (e.g. HEAD~1,HEAD)"
+    )
     parser.add_argument("--repetitions", type=int, default=1, help="runs of each variant")
     parser.add_argument("--name", help="result file name (default: demo-<scale>)")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    variants = _variants(args.ab)
-    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in variants}
-    for repetition in range(args.repetitions):
-        for label, overrides in variants if repetition % 2 == 0 else variants[::-1]:
-            with tempfile.TemporaryDirectory(prefix="post-train-demo-bench-") as work:
-                run = measure(args.recipe, args.scale, Path(work), args.dvc_root.resolve(), overrides)
-            runs[label].append(run)
-            print(
-                f"{label}, repetition {repetition + 1}: {run['wall_seconds']:.1f} s wall, "
-                f"{run['outside_compute_seconds']:.1f} s outside training and generation",
-                flush=True,
-            )
+    with ExitStack() as stack:
+        variants = _variants(args.ab, args.commits, stack)
+        runs: dict[str, list[dict[str, Any]]] = {variant.label: [] for variant in variants}
+        for repetition in range(args.repetitions):
+            for variant in variants if repetition % 2 == 0 else variants[::-1]:
+                with tempfile.TemporaryDirectory(prefix="post-train-demo-bench-") as work:
+                    run = measure(
+                        args.recipe, args.scale, Path(work), args.dvc_root.resolve(), variant.overrides, variant.tree
+                    )
+                runs[variant.label].append(run)
+                print(
+                    f"{variant.label}, repetition {repetition + 1}: {run['wall_seconds']:.1f} s wall, "
+                    f"{run['outside_compute_seconds']:.1f} s outside training and generation",
+                    flush=True,
+                )
     result = {
         "recipe": args.recipe,
         "scale": args.scale,
@@ -219,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "post_train_commit": git_commit(REPO_ROOT, short=True, mark_dirty=True),
         "load_averages": [run["load_average_at_start"] for label in runs for run in runs[label]],
-        "variants": [{"label": label, "summary": summarise(runs[label]), "runs": runs[label]} for label, _ in variants],
+        "variants": [
+            {"label": variant.label, "summary": summarise(runs[variant.label]), "runs": runs[variant.label]}
+            for variant in variants
+        ],
     }
     name = args.name or f"demo-{args.scale}"
     args.out_dir.mkdir(parents=True, exist_ok=True)

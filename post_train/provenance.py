@@ -22,15 +22,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit(repository: Path = REPO_ROOT, short: bool = False, mark_dirty: bool = False) -> str:
-    """HEAD of `repository` ("unknown" outside git); `mark_dirty` appends `+dirty` when tracked files have changes,
-    since the numbers then belong to code no commit holds."""
+def git_commit(
+    repository: Path = REPO_ROOT, short: bool = False, mark_dirty: bool = False, revision: str = "HEAD"
+) -> str:
+    """The commit `revision` names in `repository` ("unknown" outside git or for no such revision); `mark_dirty`
+    appends `+dirty` when tracked files have changes, since the numbers then belong to code no commit holds."""
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=repository, capture_output=True, text=True)
         return done.stdout.strip() if done.returncode == 0 else ""
 
-    commit = git("rev-parse", *(["--short"] if short else []), "HEAD") or "unknown"
+    commit = (
+        git("rev-parse", "--verify", "--quiet", *(["--short"] if short else []), f"{revision}^{{commit}}") or "unknown"
+    )
     dirty = mark_dirty and bool(git("status", "--porcelain", "--untracked-files=no"))
     return commit + ("+dirty" if dirty else "")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from pydantic import BaseModel
 from benchmarks.measure import StepMeter
 from benchmarks.report import markdown, model_flops, summarise_group
 from benchmarks.run import Variant, option_label, option_sets, schedule
+from post_train.provenance import git_commit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PAD, BOS = 0, 1
@@ -205,16 +207,41 @@ def demo_run(wall: float, sft_run: float, sft_loop: float) -> dict:
     }
 
 
+def test_demo_overhead_runs_two_commits_each_from_a_worktree_of_its_own():
+    from benchmarks import demo_overhead
+
+    head = git_commit(demo_overhead.REPO_ROOT, short=True, revision="HEAD")
+    with ExitStack() as stack:
+        variants = demo_overhead._variants(None, "HEAD,HEAD", stack)
+        assert [variant.label for variant in variants] == [head, head] and variants[0].tree != variants[1].tree
+        tree = variants[0].tree
+        assert git_commit(tree, short=True, revision="HEAD") == head and (tree / "post_train" / "launch.py").is_file()
+        done = subprocess.run(
+            [sys.executable, "-c", "import post_train; print(post_train.__file__)"],
+            cwd=tree,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert done.stdout.strip() == str(tree / "post_train" / "__init__.py")  # that tree's code runs
+    assert not tree.exists()
+    with ExitStack() as stack, pytest.raises(SystemExit, match="'no-such-commit' names no commit here"):
+        demo_overhead._variants(None, "HEAD,no-such-commit", stack)
+
+
 def test_demo_overhead_alternates_two_values_of_a_key_and_reports_medians():
     from benchmarks import demo_overhead
 
     assert demo_overhead.loop_seconds([1, 3, 5], [1000, 3000, 5000]) == pytest.approx(5.0)  # 1 s a step, from step 0
-    assert demo_overhead._variants("compute.warm_start=true,false") == [
-        ("compute.warm_start=true", ["compute.warm_start=true"]),
-        ("compute.warm_start=false", ["compute.warm_start=false"]),
-    ]
-    with pytest.raises(SystemExit, match="expected KEY=A,B"):
-        demo_overhead._variants("compute.warm_start")
+    with ExitStack() as stack:
+        assert demo_overhead._variants("compute.warm_start=true,false", None, stack) == [
+            demo_overhead.Variant("compute.warm_start=true", ["compute.warm_start=true"], demo_overhead.REPO_ROOT),
+            demo_overhead.Variant("compute.warm_start=false", ["compute.warm_start=false"], demo_overhead.REPO_ROOT),
+        ]
+        with pytest.raises(SystemExit, match="expected KEY=A,B"):
+            demo_overhead._variants("compute.warm_start", None, stack)
+        with pytest.raises(SystemExit, match="one comparison at a time"):
+            demo_overhead._variants("compute.warm_start=true,false", "HEAD~1,HEAD", stack)
     runs = {"warm": [demo_run(40, 12, 10), demo_run(50, 13, 10), demo_run(44, 12, 9)], "cold": [demo_run(90, 14, 10)]}
     variants = [
         {"label": label, "summary": demo_overhead.summarise(runs[label]), "runs": runs[label]} for label in runs
