@@ -193,10 +193,12 @@ class Variant:
 
 @contextmanager
 def worktree(commit: str) -> Iterator[Path]:
-    """A detached git worktree of `commit`, removed afterwards."""
+    """A detached git worktree of `commit`, its modules compiled (as a checkout's are after its first run: else the
+    first run of each variant compiles them in every process that imports them), removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="post-train-demo-bench-tree-") as parent:
         tree = Path(parent) / commit
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), commit], cwd=REPO_ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree)], check=True)
         try:
             yield tree
         finally:
