@@ -558,7 +558,7 @@ def entropy_and_kl_of_responses(
 
 # --------------------------------------------------------------------------------------------- native format
 # The demo base model is pretrained mostly on terse documents, BOS "<verb> <symbols> = <answer>" EOS
-# (tasks/pretrain.py `document_ids`): that is where it is competent, so drift from it is measured there.
+# (tasks/pretrain.py `corpus_ids`): that is where it is competent, so drift from it is measured there.
 
 
 def native_prompt(task: Task) -> str:

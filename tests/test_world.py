@@ -343,6 +343,26 @@ def test_chat_template_renders_roles_and_masks_the_assistant(tokenizer: PreTrain
         tokenizer.apply_chat_template([{"role": "tool", "content": "a"}], tokenize=False)
 
 
+def test_the_pretraining_corpus_tokenised_in_one_batch_is_each_document_tokenised_alone(
+    tokenizer: PreTrainedTokenizerFast, world_dir: Path
+) -> None:
+    from tasks.pretrain import corpus_ids
+
+    documents = [json.loads(line) for line in (world_dir / "pretrain.jsonl").read_text().splitlines()]
+    assert {"messages" in document for document in documents} == {True, False}  # both kinds of document
+    alone = [
+        chat_ids(tokenizer, document["messages"])
+        if "messages" in document
+        else [
+            tokenizer.bos_token_id,
+            *tokenizer(document["text"], add_special_tokens=False)["input_ids"],
+            tokenizer.eos_token_id,
+        ]
+        for document in documents
+    ]
+    assert corpus_ids(tokenizer, documents) == alone
+
+
 def test_tokenizer_save_and_load_round_trip(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
