@@ -198,8 +198,8 @@ def worktree(commit: str) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="post-train-demo-bench-tree-") as parent:
         tree = Path(parent) / commit
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), commit], cwd=REPO_ROOT, check=True)
-        subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree)], check=True)
         try:
+            subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree)], check=True)
             yield tree
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO_ROOT, check=True)
