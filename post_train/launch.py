@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 
 
@@ -21,6 +22,12 @@ def main() -> None:
     # drains. What it skips is only the freeing of every module's objects: ~3.6 s after a run (torch,
     # transformers, MLflow, Prefect), for memory the operating system takes back at once.
     atexit.register(end)
+    # A termination (`kill`, `timeout`, a scheduler, the terminal closing) ends the command as an exit does, so
+    # what it started is stopped on the way out: the temporary Prefect server and the warm stage server run in
+    # sessions of their own and would outlive it. Prefect's flow engine reports the flow run crashed first, then
+    # re-raises the signal with the handler it found, this one.
+    for ending in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(ending, _exit_with_signal)
     from post_train.cli import main as cli
     from post_train.executors.warm import exit_status
 
@@ -31,3 +38,7 @@ def main() -> None:
     except KeyboardInterrupt:
         status = 130  # the shell's code for an interrupt
         raise
+
+
+def _exit_with_signal(signal_number: int, frame: object) -> None:
+    raise SystemExit(128 + signal_number)  # the status a shell shows for a process the signal killed

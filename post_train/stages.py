@@ -246,9 +246,16 @@ def run_stage(
         )
         started = time.monotonic()
         streams = output is not None and "on_line" in inspect.signature(executor.run).parameters
-        returncode, description = executor.run(
-            stage.name, stage.module, inputs, outputs, stage.distributed, **({"on_line": output} if streams else {})
-        )
+        try:
+            returncode, description = executor.run(
+                stage.name, stage.module, inputs, outputs, stage.distributed, **({"on_line": output} if streams else {})
+            )
+        except BaseException:  # interrupted (Ctrl-C, a termination): the executor stopped the command mid-run
+            try:
+                end_orphaned_runs(stage.name, context.parent_run_id)
+            except Exception as error:  # an unreachable tracking server must not hide why the stage stopped
+                log.warning("%s: could not mark its MLflow run KILLED: %s", stage.name, error)
+            raise
         log.info(
             "%s: %s exited with status %d after %.0f s", stage.name, description, returncode, time.monotonic() - started
         )

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from post_train import cli, server
@@ -75,6 +78,46 @@ def test_a_run_from_the_shell_reports_everything_to_its_temporary_server_then_st
     assert any(message.startswith("sft: finished, MLflow run") for message in messages)  # a task run's log
     assert any(message.startswith("summary:") for message in messages)  # the flow's last lines
     assert messages.count("Finished in state Completed()") >= 2  # the task runs' and the flow run's
+
+
+def test_a_terminated_run_ends_its_runs_and_stops_the_servers_it_started(tmp_path: Path):
+    """`kill`, `timeout` or a scheduler end the command as an exit does: the flow run is marked crashed, the
+    interrupted stage's MLflow run killed, and neither the temporary Prefect server nor the warm stage server
+    (each in a session of its own) outlives the command."""
+    if is_healthy(DEFAULT_API_URL):
+        pytest.skip(f"a Prefect server answers at {DEFAULT_API_URL}: the run would use it")
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("PREFECT_API", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    command = [CLI, "run", "--scale", "smoke"]
+    for override in (f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", f"data.dvc_root={REPO}"):
+        command += ["-o", override]
+    log = tmp_path / "output.txt"  # a file, not a pipe: a server left running would hold a pipe open
+    with log.open("w") as output:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while "pretrain step 1/" not in log.read_text():  # the first stage trains: its MLflow run is open
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        started = {child: " ".join(child.cmdline()) for child in psutil.Process(process.pid).children(recursive=True)}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    finally:
+        process.kill()
+    text = log.read_text()
+    url = re.search(r"Starting a temporary Prefect server on (http://127\.0\.0\.1:\d+/api)", text).group(1)
+    assert not is_healthy(url)
+    for server_module in ("prefect.server.api.server", "post_train.executors.warm"):
+        assert any(server_module in line for line in started.values()), started
+    assert [line for child, line in started.items() if child.is_running() and child.status() != "zombie"] == []
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as database:
+        assert database.execute("select state_type from flow_run").fetchall() == [("CRASHED",)]
+    with sqlite3.connect(tmp_path / "mlflow.db") as database:
+        statuses = dict(database.execute("select name, status from runs").fetchall())
+    assert statuses == {
+        next(name for name in statuses if "pretrain" not in name): "FAILED",
+        "pretrain · lowlr · smoke": "KILLED",
+    }
 
 
 @pytest.mark.parametrize(
