@@ -164,6 +164,25 @@ def test_the_thread_count_of_a_forked_torch_is_its_environments(command_dir: Pat
         assert lines == [threads]
 
 
+def test_priming_builds_the_model_loading_rules_silently_and_leaves_the_random_state_as_it_was():
+    """What a server with transformers does once before its first fork; the children inherit the rules built."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from transformers import conversion_mapping
+        from post_train.executors.warm import prime_model_loading
+        state = torch.get_rng_state()
+        assert conversion_mapping._checkpoint_conversion_mapping_cache is None
+        prime_model_loading()
+        assert conversion_mapping._checkpoint_conversion_mapping_cache is not None
+        assert torch.equal(torch.get_rng_state(), state)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == result.stderr == ""
+
+
 def test_a_warm_started_stage_trains_bit_identical_to_a_fresh_process(smoke_stages, mlflow_store, tmp_path: Path):
     _, data, base = smoke_stages
     trained = {}

@@ -290,10 +290,43 @@ def _reap(status_of: dict[int, socket.socket]) -> None:
             connection.close()
 
 
+def prime_model_loading() -> None:
+    """Save and load a one-layer Llama, so that what transformers sets up at a process's first `from_pretrained`
+    is done once in the server and inherited by every child: its checkpoint-conversion rules for every
+    architecture (~1,000 weight renamings, each compiling regular expressions) and the compiled patterns of the
+    model's own. Measured in forked children on 2 cores: a demo model's first load 0.55-0.8 s unprimed,
+    0.03 s primed, for ~0.2 s once here. Silent, and the random state the children inherit is left as it was."""
+    import contextlib
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tiny = LlamaConfig(
+        vocab_size=8,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+    )
+    with (
+        open(os.devnull, "w") as quiet,
+        contextlib.redirect_stdout(quiet),
+        contextlib.redirect_stderr(quiet),  # transformers' progress bars
+        torch.random.fork_rng(devices=[]),  # the initialisation draws from torch's generator
+        tempfile.TemporaryDirectory() as directory,
+    ):
+        AutoModelForCausalLM.from_config(tiny).save_pretrained(directory)
+        AutoModelForCausalLM.from_pretrained(directory)
+
+
 def serve(control: socket.socket, preload: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the children; the server ends with its client
     for name in preload:
         importlib.import_module(name)
+    if "transformers" in preload:
+        prime_model_loading()
     status_of: dict[int, socket.socket] = {}
     accepting = True
     while accepting or status_of:
