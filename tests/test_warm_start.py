@@ -164,6 +164,21 @@ def test_the_thread_count_of_a_forked_torch_is_its_environments(command_dir: Pat
         assert lines == [threads]
 
 
+def test_a_forked_command_leaves_what_it_inherits_out_of_its_garbage_collections(command_dir: Path):
+    """Its collections then neither traverse nor copy the server's objects (see `warm.serve`)."""
+    (command_dir / "frozen_count.py").write_text("import gc\nprint(gc.get_freeze_count())\n")
+    env = dict(os.environ)
+    server = warm.WarmServer(env, command_dir, preload=("json",))
+    try:
+        lines: list[str] = []
+        status = run_forked(functools.partial(server.fork, "frozen_count", [], env), lines.append)
+    finally:
+        server.close()
+    fresh = subprocess.run([sys.executable, "-m", "frozen_count"], cwd=command_dir, capture_output=True, text=True)
+    assert (status, fresh.stdout) == (0, "0\n")
+    assert int(lines[0]) > 10_000  # the interpreter's objects and the preloaded modules'
+
+
 def test_priming_builds_the_model_loading_rules_silently_and_leaves_the_random_state_as_it_was():
     """What a server with transformers does once before its first fork; the children inherit the rules built."""
     script = textwrap.dedent(

@@ -21,6 +21,7 @@ once the children it started have exited.
 from __future__ import annotations
 
 import atexit
+import gc
 import importlib
 import json
 import os
@@ -327,6 +328,10 @@ def serve(control: socket.socket, preload: list[str]) -> None:
         importlib.import_module(name)
     if "transformers" in preload:
         prime_model_loading()
+    # Out of every collection from here on, in the server and in its children: a child's full collection would
+    # otherwise traverse the ~660k objects it inherits, writing to each one's header and so copying the pages
+    # it shares with the server (a forked stage's first MLflow store took 0.56 s instead of 0.16 s).
+    gc.freeze()
     status_of: dict[int, socket.socket] = {}
     accepting = True
     while accepting or status_of:
