@@ -56,9 +56,9 @@ def test_a_temporary_server_that_does_not_answer_in_time_is_one_line_saying_what
     assert not (tmp_path / "runs").exists()  # no work started
 
 
-def test_a_run_from_the_shell_reports_everything_to_its_temporary_server_then_stops_it(tmp_path: Path):
-    """The server starts with the command, gets every log line before it stops (Prefect's log worker would
-    otherwise retry against a stopped server for a minute at exit), and is gone when the command returns."""
+def smoke_run_from_the_shell(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """`post-train run --scale smoke` and its environment: no configured Prefect API, so a temporary server, and a
+    Prefect home, MLflow store, cache and runs directory of its own under `tmp_path`."""
     if is_healthy(DEFAULT_API_URL):
         pytest.skip(f"a Prefect server answers at {DEFAULT_API_URL}: the run would use it")
     env = {name: value for name, value in os.environ.items() if not name.startswith(("PREFECT_API", "MLFLOW_"))}
@@ -66,6 +66,13 @@ def test_a_run_from_the_shell_reports_everything_to_its_temporary_server_then_st
     command = [CLI, "run", "--scale", "smoke"]
     for override in (f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", f"data.dvc_root={REPO}"):
         command += ["-o", override]
+    return command, env
+
+
+def test_a_run_from_the_shell_reports_everything_to_its_temporary_server_then_stops_it(tmp_path: Path):
+    """The server starts with the command, gets every log line before it stops (Prefect's log worker would
+    otherwise retry against a stopped server for a minute at exit), and is gone when the command returns."""
+    command, env = smoke_run_from_the_shell(tmp_path)
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
@@ -84,13 +91,7 @@ def test_a_terminated_run_ends_its_runs_and_stops_the_servers_it_started(tmp_pat
     """`kill`, `timeout` or a scheduler end the command as an exit does: the flow run is marked crashed, the
     interrupted stage's MLflow run killed, and neither the temporary Prefect server nor the warm stage server
     (each in a session of its own) outlives the command."""
-    if is_healthy(DEFAULT_API_URL):
-        pytest.skip(f"a Prefect server answers at {DEFAULT_API_URL}: the run would use it")
-    env = {name: value for name, value in os.environ.items() if not name.startswith(("PREFECT_API", "MLFLOW_"))}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    command = [CLI, "run", "--scale", "smoke"]
-    for override in (f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", f"data.dvc_root={REPO}"):
-        command += ["-o", override]
+    command, env = smoke_run_from_the_shell(tmp_path)
     log = tmp_path / "output.txt"  # a file, not a pipe: a server left running would hold a pipe open
     with log.open("w") as output:
         process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT)
