@@ -332,5 +332,7 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m post_train.cli`: the console script's process entry, its signal handling
+    from post_train.launch import main as launch
+
+    launch()
