@@ -330,9 +330,3 @@ def _study(args: argparse.Namespace) -> int:
         print(f"  {claim['verdict']:>13}: {claim['paper']}: {claim['statement']}")
     print(f"MLflow run: runs:/{result['mlflow_run_id']}")
     return 0
-
-
-if __name__ == "__main__":  # `python -m post_train.cli`: the console script's process entry, its signal handling
-    from post_train.launch import main as launch
-
-    launch()
