@@ -214,13 +214,10 @@ def _validated(args: argparse.Namespace) -> bool:
 
 
 def _while_the_server_starts() -> None:
-    """Do in this process, while the Prefect server starts, what the flow would otherwise do first: import the
-    stages' modules (`run_stage` reads their results' types; transformers among their imports, ~4 s) and open the
+    """Do in this process, while the Prefect server starts, what the flow would otherwise do first: open the
     tracking store (a new store's tables, ~2 s)."""
-    from post_train.stages import import_stage_modules
     from post_train.tracking import experiment_id
 
-    import_stage_modules()
     experiment_id()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from post_train.locks import file_lock
-from post_train.stage_io import to_json
+from post_train.stage_io import from_json, to_json
 
 Result = TypeVar("Result")
 RESULT_FILE = "result.json"
@@ -41,7 +41,7 @@ def cached(
     lock = directory.with_name(f".{key}.lock")
     with file_lock(lock, f"waiting for another run that is building {directory} ..."):
         if result_file.is_file() and not force:
-            return result_type(**json.loads(result_file.read_text())), True
+            return from_json(result_type, json.loads(result_file.read_text())), True
         scratch = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{key}-"))
         try:
             result = json.dumps(to_json(produce(scratch)), indent=2).replace(str(scratch), str(directory))
@@ -51,4 +51,4 @@ def cached(
             scratch.rename(directory)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        return result_type(**json.loads(result_file.read_text())), False
+        return from_json(result_type, json.loads(result_file.read_text())), False

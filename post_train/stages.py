@@ -1,10 +1,12 @@
 """Every stage declared once, and the one way a declared stage runs.
 
 A declaration says which module computes the stage (its `run` function and its command
-`python -m <module>`), what its cache key depends on besides its code, whether it trains on
-every process its placement gives it, and how often a transient failure is retried. Stages
-without a key (prepare, fetch-champion, register) are cheap bookkeeping and run in the calling
-process; the others run as commands through the executor their placement names, cached by content.
+`python -m <module>`), what `run` returns, what its cache key depends on besides its code, whether it trains on
+every process its placement gives it, and how often a transient failure is retried. Prepare runs in the calling
+process; every other stage runs as a command, so the calling process never imports what the stages compute with
+(torch's models, transformers: seconds before the first stage). Stages with a key run through the executor their
+placement names, cached by content; those without (fetch-champion, register: bookkeeping beside the tracking store
+and the registry) run on this machine, uncached.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import inspect
 import logging
 import shutil
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -29,10 +30,10 @@ from post_train.config import PipelineConfig
 from post_train.executors import executor_class
 from post_train.fingerprint import content_key, model_fingerprint, module_fingerprint
 from post_train.judges import judge_fingerprint
-from post_train.results import TrainedModel
+from post_train.results import Champion, Evaluation, HeadToHead, PreparedData, Registration, TrainedModel
 from post_train.run_summary import metrics_line, mlflow_run_url
 from post_train.stage_cache import cached
-from post_train.stage_io import read_result, write_inputs
+from post_train.stage_io import accepted, read_result, write_inputs
 from post_train.tracking import end_orphaned_runs, record_cache_hit, regression_tags, tracking_uri
 
 KeyParts = Callable[[PipelineConfig, Mapping[str, Any]], dict[str, Any]]
@@ -55,8 +56,12 @@ class RunContext:
 class Stage:
     name: str
     module: str
+    result: Any
+    """What the module's `run` returns (a record of `post_train.results`): read back from its command's outputs."""
     key: KeyParts | None = None
-    """The cache key's parts besides the stage's code; None: not cached, run in this process."""
+    """The cache key's parts besides the stage's code; None: not cached, and run on this machine."""
+    in_process: bool = False
+    """Run in the calling process rather than as a command."""
     distributed: bool = False
     retry_delays: tuple[int, ...] = (10, 60)
     """Seconds before each retry of a transient failure; bad input is never retried."""
@@ -70,10 +75,11 @@ def _optional_model(path: str | None) -> str | None:
     return model_fingerprint(path) if path else None
 
 
-PREPARE = Stage("prepare", "tasks.prepare", retry_delays=(5, 30))
+PREPARE = Stage("prepare", "tasks.prepare", PreparedData, in_process=True, retry_delays=(5, 30))
 PRETRAIN = Stage(
     "pretrain",
     "tasks.pretrain",
+    TrainedModel,
     distributed=True,
     key=lambda config, a: {
         "base_model": config.base_model.model_dump(mode="json"),
@@ -83,6 +89,7 @@ PRETRAIN = Stage(
 SFT = Stage(
     "sft",
     "tasks.sft",
+    TrainedModel,
     distributed=True,
     key=lambda config, a: {
         "sft": config.sft.model_dump(mode="json"),
@@ -96,6 +103,7 @@ SFT = Stage(
 DPO = Stage(
     "dpo",
     "tasks.dpo",
+    TrainedModel,
     distributed=True,
     key=lambda config, a: {
         "dpo": config.dpo.model_dump(mode="json"),
@@ -107,6 +115,7 @@ DPO = Stage(
 JOINT = Stage(
     "joint",
     "tasks.joint",
+    TrainedModel,
     distributed=True,
     key=lambda config, a: {
         "joint": config.joint.model_dump(mode="json"),
@@ -124,6 +133,7 @@ JOINT = Stage(
 EVALUATE = Stage(
     "evaluate",
     "tasks.evaluate",
+    Evaluation,
     key=lambda config, a: {
         "evaluation": config.evaluation.model_dump(mode="json"),
         "judge": judge_fingerprint(config.evaluation),
@@ -133,10 +143,11 @@ EVALUATE = Stage(
         "base_model": _optional_model(a.get("base_model_path")),
     },
 )
-FETCH_CHAMPION = Stage("fetch-champion", "tasks.fetch_champion", retry_delays=(5, 30))
+FETCH_CHAMPION = Stage("fetch-champion", "tasks.fetch_champion", Champion | None, retry_delays=(5, 30))
 HEAD_TO_HEAD = Stage(
     "head-to-head",
     "tasks.head_to_head",
+    HeadToHead,
     key=lambda config, a: {
         "evaluation": config.evaluation.model_dump(mode="json"),
         "judge": judge_fingerprint(config.evaluation),
@@ -145,41 +156,31 @@ HEAD_TO_HEAD = Stage(
         "eval_data": a["data"].hashes["eval"],
     },
 )
-REGISTER = Stage("register", "tasks.register", retry_delays=(5, 30))
+REGISTER = Stage("register", "tasks.register", Registration, retry_delays=(5, 30))
 
 STAGE_DECLARATIONS = (PREPARE, PRETRAIN, SFT, DPO, JOINT, EVALUATE, FETCH_CHAMPION, HEAD_TO_HEAD, REGISTER)
 
 
+def _placed(stage: Stage, config: PipelineConfig) -> PipelineConfig:
+    """`config` with the stage's placement as its `compute` section; a stage without a key, whose work is with this
+    machine's tracking store and registry, is placed on this machine."""
+    placement = config.compute.for_stage(stage.name)
+    if stage.key is None:
+        placement = placement.model_copy(update={"backend": "local"})
+    return config.model_copy(update={"compute": placement})
+
+
 def _executor(stage: Stage, config: PipelineConfig) -> Any:
-    """The executor `stage` runs on: its backend's, built from the config with the stage's placement."""
-    placed = config.model_copy(update={"compute": config.compute.for_stage(stage.name)})
+    """The executor `stage` runs on: its placement's backend's."""
+    placed = _placed(stage, config)
     return executor_class(placed.compute.backend)(placed)
 
 
 def warm_up(config: PipelineConfig) -> None:
     """Let the executors of the command stages prepare ahead of them (the local one starts its warm server)."""
     for stage in STAGE_DECLARATIONS:
-        if stage.key is not None:
+        if not stage.in_process:
             _executor(stage, config).warm_up(stage.distributed)
-
-
-def import_stage_modules() -> None:
-    """Import every stage's module, as `run_stage` would at the stage: the command-line entry does it while it waits
-    for the Prefect server."""
-    for stage in STAGE_DECLARATIONS:
-        importlib.import_module(stage.module)
-
-
-def _context_arguments(function: Callable[..., Any], context: RunContext, output_dir: Path) -> dict[str, Any]:
-    """The run context's parts that `function` asks for by name (`output_dir` is created when asked for)."""
-    accepted = inspect.signature(function).parameters
-    arguments: dict[str, Any] = {}
-    if "parent_run_id" in accepted:
-        arguments["parent_run_id"] = context.parent_run_id
-    if "output_dir" in accepted:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        arguments["output_dir"] = str(output_dir)
-    return arguments
 
 
 def _run_link(run_id: str) -> str:
@@ -203,7 +204,8 @@ def run_stage(
     output: Callable[[str], None] | None = None,
     **arguments: Any,
 ) -> Any:
-    """Run `stage` on `arguments`: in this process, or from the cache when its key is known, else as a command.
+    """Run `stage` on `arguments`: in this process (`in_process`), from the cache when a finished run had its key,
+    else as a command.
 
     A command stage's key hashes `stage.key`'s parts and the source of the stage's module and every
     project module it imports; a cache hit gets a child MLflow run tagged `cache_hit` with the cached
@@ -218,31 +220,36 @@ def run_stage(
     log = logger or LOGGER
     if output is None and logger is not None:
         output = functools.partial(logger.info, "%s")  # a line may hold `%`: never a format
-    function = stage.function
     work_dir = Path(context.run_dir) / stage.name
-    if stage.key is None:
-        return function(config=config, **arguments, **_context_arguments(function, context, work_dir))
+    if stage.in_process:
+        function = stage.function
+        if "output_dir" in inspect.signature(function).parameters:
+            work_dir.mkdir(parents=True, exist_ok=True)
+        offered = {"parent_run_id": context.parent_run_id, "output_dir": str(work_dir)}
+        return function(**accepted(function, {"config": config, **arguments, **offered}))
 
     executor = _executor(stage, config)
     executor.preflight(arguments)
-    key = content_key(stage=stage.name, **stage.key(config, arguments), code=module_fingerprint(stage.module))
-    checkpoints = Path(config.cache_dir).resolve() / "checkpoints" / stage.name / key
-    takes_checkpoints = "checkpoint_dir" in inspect.signature(function).parameters
+    key = checkpoints = None
+    if stage.key is not None:
+        key = content_key(stage=stage.name, **stage.key(config, arguments), code=module_fingerprint(stage.module))
+        checkpoints = Path(config.cache_dir).resolve() / "checkpoints" / stage.name / key
 
     def produce(directory: Path) -> Any:
-        stage_arguments = {"config": config, **arguments, **_context_arguments(function, context, directory)}
-        if takes_checkpoints:
-            stage_arguments["checkpoint_dir"] = str(checkpoints)
+        # The context goes to the command whole: its `run` takes what it asks for (`stage_io.accepted`).
+        offered = {"parent_run_id": context.parent_run_id, "output_dir": str(directory)}
+        if checkpoints is not None:
+            offered["checkpoint_dir"] = str(checkpoints)
         work_dir.mkdir(parents=True, exist_ok=True)
         inputs, outputs = work_dir / "inputs.json", work_dir / "outputs.json"
-        write_inputs(inputs, stage_arguments)
+        write_inputs(inputs, {"config": config, **arguments, **offered})
         outputs.unlink(missing_ok=True)
         log.info(
-            "%s: no cached result for key %s: running %s (backend %s)",
+            "%s: %srunning %s (backend %s)",
             stage.name,
-            key,
+            f"no cached result for key {key}: " if key is not None else "",
             stage.module,
-            config.compute.for_stage(stage.name).backend,
+            _placed(stage, config).compute.backend,
         )
         started = time.monotonic()
         streams = output is not None and "on_line" in inspect.signature(executor.run).parameters
@@ -261,11 +268,12 @@ def run_stage(
         )
         if returncode != 0:  # a command that was killed could not end its MLflow run
             end_orphaned_runs(stage.name, context.parent_run_id)
-        return read_result(outputs, function, returncode, description)
+        return read_result(outputs, stage.result, returncode, description)
 
-    result_type = typing.get_type_hints(function)["return"]
-    result, hit = cached(stage.name, key, config.cache_dir, produce, result_type, context.force)
-    if not hit and takes_checkpoints:
+    if key is None:
+        return produce(work_dir)
+    result, hit = cached(stage.name, key, config.cache_dir, produce, stage.result, context.force)
+    if not hit:  # the stage finished: a retry will not resume from its checkpoints
         shutil.rmtree(checkpoints, ignore_errors=True)
     metrics = getattr(result, "metrics", {})
     if hit:

@@ -18,6 +18,7 @@ from mlflow.models import Model
 from post_train.config import PipelineConfig
 from post_train.registry import comparability_tags, incomparabilities, version_with_weights, weights_sha256
 from post_train.results import Champion, PreparedData
+from post_train.stage_io import stage_main
 from post_train.tracking import current_champion, tracking_uri
 
 
@@ -71,3 +72,7 @@ def run(config: PipelineConfig, output_dir: str, model_path: str, data: Prepared
         registry_uri=tracking_uri(),
     )
     return Champion(version=str(champion.version), path=checkpoint_directory(path))
+
+
+if __name__ == "__main__":
+    stage_main(run)

@@ -62,6 +62,7 @@ from post_train.registry import (
     weights_sha256,
 )
 from post_train.results import ALL, HEAD_TO_HEAD, Champion, HeadToHead, PreparedData, Registration, splits_in
+from post_train.stage_io import stage_main
 from post_train.tracking import current_champion, registry_lock, regression_tags, stage_run, tracking_uri
 
 LOGGER = logging.getLogger(__name__)
@@ -419,3 +420,7 @@ def run(
             head_to_head=dict(comparison.metrics) if comparison is not None else None,
             aliases=(registry.challenger_alias, alias) if promote else (registry.challenger_alias,),
         )
+
+
+if __name__ == "__main__":
+    stage_main(run)

@@ -22,6 +22,7 @@ import yaml
 from post_train.config import DEFAULT_CHAT_TEMPLATE, REPO_ROOT, ConfigError, load_config
 from post_train.data import DataError
 from post_train.executors import skypilot
+from post_train.results import PreparedData, TrainedModel
 from post_train.stage_io import StageFailed, read_result
 from post_train.stages import RunContext, Stage, run_stage
 
@@ -348,11 +349,9 @@ def test_a_refused_job_is_a_config_error_and_a_failed_submission_a_failure(tmp_p
 
 
 def test_a_job_that_ends_without_a_result_is_a_stage_failure(tmp_path: Path):
-    from tasks import sft
-
     description = "SkyPilot managed job post-train-sft-0 (id 7, FAILED_NO_RESOURCE after 3 recoveries)"
     with pytest.raises(StageFailed, match=r"post-train-sft-0 \(id 7, FAILED_NO_RESOURCE after 3 recoveries\) exited"):
-        read_result(tmp_path / "outputs.json", sft.run, 1, description)
+        read_result(tmp_path / "outputs.json", TrainedModel, 1, description)
 
 
 def test_a_job_without_status_is_cancelled_before_the_stage_fails(tmp_path: Path, monkeypatch):
@@ -458,7 +457,8 @@ def test_a_stage_runs_as_a_managed_job_and_its_result_comes_back_through_the_buc
         },
     )
     run_dir = bucket / "runs" / "r1"
-    prepare_command = Stage("prepare", "tasks.prepare", key=lambda config, arguments: {})  # cached, so a command
+    # cached, so a command
+    prepare_command = Stage("prepare", "tasks.prepare", PreparedData, key=lambda config, arguments: {})
     prepared = run_stage(prepare_command, config, RunContext(str(run_dir)))
     assert prepared.sizes == {"sft": 1, "preferences": 1, "eval": 1}
     submitted = json.loads((fake_sky / "launch.json").read_text())

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +17,10 @@ from post_train.data import DataError
 from post_train.executors import EXECUTORS
 from post_train.executors.local import LocalExecutor, stage_command
 from post_train.fingerprint import PROJECT_PACKAGES, module_fingerprint, project_imports, project_modules
+from post_train.results import PreparedData
 from post_train.stage_cache import cached
 from post_train.stage_io import StageFailed, read_result, write_inputs
 from post_train.stages import STAGE_DECLARATIONS, RunContext, Stage, run_stage
-from tasks import prepare
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Made:
     metrics: dict
 
 
-PREPARE_COMMAND = Stage("prepare", "tasks.prepare", key=lambda config, arguments: {})
+PREPARE_COMMAND = Stage("prepare", "tasks.prepare", PreparedData, key=lambda config, arguments: {})
 """The prepare stage as a cached command (in the flow it runs in-process): the cheapest real stage command."""
 
 
@@ -121,7 +122,7 @@ def test_a_crash_without_a_result_is_a_stage_failure(tmp_path: Path):
     write_inputs(inputs, {"config": config})
     returncode, description = LocalExecutor(config).run("prepare", "json.tool", inputs, outputs, distributed=False)
     with pytest.raises(StageFailed, match="exited with status"):
-        read_result(outputs, prepare.run, returncode, description)
+        read_result(outputs, PreparedData, returncode, description)
 
 
 def test_cache_reuses_results_rewrites_paths_and_forces(tmp_path: Path):
@@ -245,9 +246,10 @@ def test_every_stage_is_declared_once_with_a_command_and_a_prefect_task():
     assert len(names) == len(set(names))
     commands = {stage.name for stage in STAGE_DECLARATIONS if stage.key is not None}
     assert commands == set(STAGES)  # every stage that runs somewhere can be placed by compute.stages.<name>
+    assert [stage.name for stage in STAGE_DECLARATIONS if stage.in_process] == ["prepare"]
     for stage in STAGE_DECLARATIONS:
-        assert callable(stage.function)
-        if stage.key is not None:
+        assert typing.get_type_hints(stage.function)["return"] == stage.result, stage.name
+        if not stage.in_process:
             source = (REPO_ROOT / f"{stage.module.replace('.', '/')}.py").read_text()
             assert 'if __name__ == "__main__":\n    stage_main(run)' in source
     tasks = [

@@ -142,8 +142,7 @@ before = dict(os.environ)
 from post_train.validate import validate
 assert not validate("lowlr", "smoke", []).problems
 import flows.pipeline
-from post_train.stages import import_stage_modules
-import_stage_modules()
+import tasks.prepare  # the stage that runs in the flow's process
 from post_train.executors.warm import _server_key
 print(json.dumps([_server_key(before, "."), _server_key(dict(os.environ), ".")]))
 """
