@@ -170,9 +170,8 @@ def _placed(stage: Stage, config: PipelineConfig) -> PipelineConfig:
     return config.model_copy(update={"compute": placement})
 
 
-def _executor(stage: Stage, config: PipelineConfig) -> Any:
-    """The executor `stage` runs on: its placement's backend's."""
-    placed = _placed(stage, config)
+def _executor(placed: PipelineConfig) -> Any:
+    """The executor of a stage placed by `_placed`: its backend's."""
     return executor_class(placed.compute.backend)(placed)
 
 
@@ -180,7 +179,15 @@ def warm_up(config: PipelineConfig) -> None:
     """Let the executors of the command stages prepare ahead of them (the local one starts its warm server)."""
     for stage in STAGE_DECLARATIONS:
         if not stage.in_process:
-            _executor(stage, config).warm_up(stage.distributed)
+            _executor(_placed(stage, config)).warm_up(stage.distributed)
+
+
+def _offered(context: RunContext, output_dir: Path, checkpoint_dir: Path | None = None) -> dict[str, str | None]:
+    """The run context as a stage's `run` takes it (`stage_io.CONTEXT_ARGUMENTS`), by name."""
+    offered = {"parent_run_id": context.parent_run_id, "output_dir": str(output_dir)}
+    if checkpoint_dir is not None:
+        offered["checkpoint_dir"] = str(checkpoint_dir)
+    return offered
 
 
 def _run_link(run_id: str) -> str:
@@ -225,10 +232,10 @@ def run_stage(
         function = stage.function
         if "output_dir" in inspect.signature(function).parameters:
             work_dir.mkdir(parents=True, exist_ok=True)
-        offered = {"parent_run_id": context.parent_run_id, "output_dir": str(work_dir)}
-        return function(**accepted(function, {"config": config, **arguments, **offered}))
+        return function(**accepted(function, {"config": config, **arguments, **_offered(context, work_dir)}))
 
-    executor = _executor(stage, config)
+    placed = _placed(stage, config)
+    executor = _executor(placed)
     executor.preflight(arguments)
     key = checkpoints = None
     if stage.key is not None:
@@ -236,20 +243,17 @@ def run_stage(
         checkpoints = Path(config.cache_dir).resolve() / "checkpoints" / stage.name / key
 
     def produce(directory: Path) -> Any:
-        # The context goes to the command whole: its `run` takes what it asks for (`stage_io.accepted`).
-        offered = {"parent_run_id": context.parent_run_id, "output_dir": str(directory)}
-        if checkpoints is not None:
-            offered["checkpoint_dir"] = str(checkpoints)
         work_dir.mkdir(parents=True, exist_ok=True)
         inputs, outputs = work_dir / "inputs.json", work_dir / "outputs.json"
-        write_inputs(inputs, {"config": config, **arguments, **offered})
+        # The context goes to the command whole: its `run` takes what it names (`stage_io.accepted`).
+        write_inputs(inputs, {"config": config, **arguments, **_offered(context, directory, checkpoints)})
         outputs.unlink(missing_ok=True)
         log.info(
             "%s: %srunning %s (backend %s)",
             stage.name,
             f"no cached result for key {key}: " if key is not None else "",
             stage.module,
-            _placed(stage, config).compute.backend,
+            placed.compute.backend,
         )
         started = time.monotonic()
         streams = output is not None and "on_line" in inspect.signature(executor.run).parameters
