@@ -138,6 +138,9 @@ def registry_lease(client: MlflowClient, model_name: str, poll_s: float = 0.5) -
             client.create_registered_model(lease, description=f"Held while a post-train run registers {model_name}.")
             break
         except MlflowException as error:
+            # A SQL store answers a taken name by looking the holder's lease up, which fails if it was just released.
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                continue
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         try:
