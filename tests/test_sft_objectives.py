@@ -109,7 +109,8 @@ def test_each_objective_trains_at_smoke_scale_and_logs_its_metrics(
     objective, smoke_stages, shared_mlflow_store, tmp_path, monkeypatch
 ):
     config, data, base = smoke_stages
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # a smoke stage lasts seconds, not 10 s
+    # A smoke stage can end in under half a second on a fast machine, before a 0.5 s interval samples once.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
     config = load_config(
         "lowlr", "smoke", {**smoke_overrides(tmp_path), "sft.objective": objective, "sft.rollout_steps": 2}
     )
