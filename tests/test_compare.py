@@ -259,7 +259,7 @@ def test_cli_refuses_a_bad_grid_before_prefect_starts(capsys):
     assert "unknown SFT objective 'nope'" in capsys.readouterr().err
 
 
-def test_cli_passes_the_grid_to_the_flow_and_prints_the_table(monkeypatch, capsys):
+def test_cli_passes_the_grid_to_the_flow_and_prints_the_table(mlflow_store, monkeypatch, capsys):
     from post_train.cli import main
 
     calls = []

@@ -19,6 +19,7 @@ import pytest
 from post_train import cli, server
 from post_train.executors import warm
 from post_train.server import DEFAULT_API_URL, EPHEMERAL_TIMEOUT_ENV, ephemeral_startup_timeout, is_healthy
+from tests.conftest import make_dvc_repo
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).parent / "post-train")
@@ -58,13 +59,14 @@ def test_a_temporary_server_that_does_not_answer_in_time_is_one_line_saying_what
 
 def smoke_run_from_the_shell(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
     """`post-train run --scale smoke` and its environment: no configured Prefect API, so a temporary server, and a
-    Prefect home, MLflow store, cache and runs directory of its own under `tmp_path`."""
+    Prefect home, MLflow store, DVC repository, cache and runs directory of its own under `tmp_path`."""
     if is_healthy(DEFAULT_API_URL):
         pytest.skip(f"a Prefect server answers at {DEFAULT_API_URL}: the run would use it")
     env = {name: value for name, value in os.environ.items() if not name.startswith(("PREFECT_API", "MLFLOW_"))}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     command = [CLI, "run", "--scale", "smoke"]
-    for override in (f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", f"data.dvc_root={REPO}"):
+    repo = make_dvc_repo(tmp_path / "repo")
+    for override in (f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", f"data.dvc_root={repo}"):
         command += ["-o", override]
     return command, env
 
