@@ -1,9 +1,12 @@
 """How much of `make demo`'s wall time is not training or generation: `python -m benchmarks.demo_overhead`.
 
 Runs `post-train run --recipe lowlr --scale demo` once (or alternately in two variants: two values of a config
-key, `--ab`, or two commits, `--commits`, each from a git worktree of its own), with a fresh stage cache, runs
-directory and MLflow store (the DVC data of the working tree is reused when it is up to date, as `make
-demo` does), then reads the stage runs back from MLflow:
+key, `--ab`, or two commits, `--commits`, each from a git worktree of its own), with a fresh stage cache and runs
+directory (the DVC data of the working tree is reused when it is up to date, as `make demo` does), then reads
+the stage runs back from MLflow. `--services fresh` (the default, a first `make demo`): each run gets a new MLflow
+store and starts Prefect's temporary server; `--services running` (a user's later runs): one MLflow store made
+before the first run and one `prefect server start` serve them all, each run registering a model of its own name.
+
 - a training stage's loop time (pretrain, sft, dpo) comes from the timestamps of its logged
   `loss`: last minus first logged step, plus one average step for the steps before the first log;
 - the evaluate and head-to-head stages count whole (generation, judging, diagnostics);
@@ -28,6 +31,7 @@ from typing import Any, Iterator
 
 from benchmarks.report import spread
 from post_train.provenance import cpu_model, git_commit
+from post_train.server import free_port, local_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAINING_STAGES = ("pretrain", "sft", "dpo", "joint")
@@ -44,8 +48,9 @@ def loop_seconds(steps: list[int], timestamps_ms: list[int]) -> float | None:
     return (timestamps_ms[-1] - timestamps_ms[0] + per_step * steps[0]) / 1000
 
 
-def stage_times(tracking_uri: str) -> list[dict[str, Any]]:
-    """Each stage run of the store's only flow run: its duration and the part of it spent computing."""
+def stage_times(tracking_uri: str, since_ms: int = 0) -> list[dict[str, Any]]:
+    """Each stage run started at or after `since_ms` (epoch milliseconds: one flow run's): its duration and the part
+    of it spent computing."""
     from mlflow import MlflowClient
 
     from post_train.tracking import EXPERIMENT
@@ -53,7 +58,10 @@ def stage_times(tracking_uri: str) -> list[dict[str, Any]]:
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     stages = []
-    for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]):
+    runs = client.search_runs(
+        [experiment.experiment_id], f"attributes.start_time >= {since_ms}", order_by=["attributes.start_time ASC"]
+    )
+    for run in runs:
         stage = run.data.tags.get("stage")
         if stage is None:
             continue
@@ -75,9 +83,18 @@ def stage_times(tracking_uri: str) -> list[dict[str, Any]]:
     return stages
 
 
-def measure(recipe: str, scale: str, work: Path, dvc_root: Path, overrides: list[str], tree: Path) -> dict[str, Any]:
-    """One run of the command from the source tree `tree` (its stages and warm server import that tree's code)."""
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+def measure(
+    recipe: str,
+    scale: str,
+    work: Path,
+    dvc_root: Path,
+    overrides: list[str],
+    tree: Path,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """One run of the command from the source tree `tree` (its stages and warm server import that tree's code),
+    tracked in `tracking_uri`, else in a new store under `work`."""
+    uri = tracking_uri or f"sqlite:///{work / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     command = [
         sys.executable,
@@ -97,13 +114,16 @@ def measure(recipe: str, scale: str, work: Path, dvc_root: Path, overrides: list
     ]
     for override in overrides:
         command += ["-o", override]
+    if tracking_uri is not None:  # a shared store: a registered model of its own, so no run meets a champion
+        command += ["-o", f"registry.model_name={work.name}"]
     load = os.getloadavg()[0]
+    since_ms = time.time_ns() // 1_000_000
     started = time.perf_counter()
     done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    stages = stage_times(uri)
+    stages = stage_times(uri, since_ms)
     compute = sum(stage["compute_seconds"] or 0.0 for stage in stages)
     in_runs = sum(stage["run_seconds"] for stage in stages)
     return {
@@ -151,7 +171,8 @@ def markdown(result: dict[str, Any]) -> str:
         "time outside training and generation",
         "",
         f"{result['date']} on {result['cpu']} ({result['cpu_count']} cores), post-train {result['post_train_commit']}; "
-        f"{runs} run{'s' if runs != 1 else ''}, each with a fresh stage cache and MLflow store"
+        f"{runs} run{'s' if runs != 1 else ''}, each with a fresh stage cache and "
+        + SERVICES[result.get("services", "fresh")]
         + (", the variants alternating (the order reversed on every other repetition)" if len(variants) > 1 else "")
         + f"; load average {min(result['load_averages']):.2f}–{max(result['load_averages']):.2f} at their starts. "
         "Medians (min–max), seconds.",
@@ -176,11 +197,29 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Outside training and generation: process start-ups and imports, Prefect's temporary server, DVC, data and "
-        "model loading, reference log-probs, saving, plots and MLflow calls.",
+        "Outside training and generation: process start-ups and imports, Prefect's server (the temporary one when "
+        "none runs), DVC, data and model loading, reference log-probs, saving, plots and MLflow calls.",
         "",
     ]
     return "\n".join(lines)
+
+
+SERVICES = {
+    "fresh": "MLflow store, starting Prefect's temporary server",
+    "running": "one MLflow store (made before the first) and one Prefect server (`prefect server start`) for all",
+}
+"""`--services`: what the runs find, as the result's header says it."""
+
+
+@contextmanager
+def running_services(work: Path) -> Iterator[str]:
+    """A new MLflow store under `work`, its tables and experiment made, and a Prefect server on a free port that
+    the commands started inside the block report to (`PREFECT_API_URL`); the store's URI."""
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    made = "from post_train.tracking import experiment_id; experiment_id()"
+    subprocess.run([sys.executable, "-c", made], env={**os.environ, "MLFLOW_TRACKING_URI": uri}, check=True)
+    with local_server(f"http://127.0.0.1:{free_port()}/api"):
+        yield uri
 
 
 @dataclass(frozen=True)
@@ -240,17 +279,34 @@ def main(argv: list[str] | None = None) -> int:
         "--commits", help="A,B: two commits, alternated, each run from a worktree of its own (e.g. HEAD~1,HEAD)"
     )
     parser.add_argument("--repetitions", type=int, default=1, help="runs of each variant")
+    parser.add_argument(
+        "--services",
+        choices=sorted(SERVICES),
+        default="fresh",
+        help="fresh: a new MLflow store and Prefect's temporary server per run (a first `make demo`); running: one "
+        "store and one Prefect server for all runs (later runs)",
+    )
     parser.add_argument("--name", help="result file name (default: demo-<scale>)")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     with ExitStack() as stack:
         variants = _variants(args.ab, args.commits, stack)
+        shared_uri = None
+        if args.services == "running":
+            services_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="post-train-demo-bench-")))
+            shared_uri = stack.enter_context(running_services(services_dir))
         runs: dict[str, list[dict[str, Any]]] = {variant.label: [] for variant in variants}
         for repetition in range(args.repetitions):
             for variant in variants if repetition % 2 == 0 else variants[::-1]:
                 with tempfile.TemporaryDirectory(prefix="post-train-demo-bench-") as work:
                     run = measure(
-                        args.recipe, args.scale, Path(work), args.dvc_root.resolve(), variant.overrides, variant.tree
+                        args.recipe,
+                        args.scale,
+                        Path(work),
+                        args.dvc_root.resolve(),
+                        variant.overrides,
+                        variant.tree,
+                        shared_uri,
                     )
                 runs[variant.label].append(run)
                 print(
@@ -261,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "recipe": args.recipe,
         "scale": args.scale,
+        "services": args.services,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -263,8 +264,32 @@ def test_demo_overhead_alternates_two_values_of_a_key_and_reports_medians():
         "variants": variants,
     }
     text = demo_overhead.markdown(result)
-    assert "4 runs, each with a fresh stage cache and MLflow store, the variants alternating" in text
+    assert "4 runs, each with a fresh stage cache and MLflow store, starting Prefect's temporary server, the" in text
     assert "| warm | 44.0 (40.0–50.0) | 10.0 (9.0–10.0) | **35.0 (30.0–40.0)** | 80% (75%–80%) |" in text
     assert "| cold | 90.0 | 10.0 | **80.0** | 89% |" in text
     assert "| sft | 12.0 (12.0–13.0) / 10.0 (9.0–10.0) | 14.0 / 10.0 |" in text
     assert "| register | 1.0 (1.0–1.0) / – | 1.0 / – |" in text
+
+
+def test_demo_overhead_with_running_services_reads_each_run_from_the_one_store(tmp_path: Path):
+    from tests.conftest import make_dvc_repo
+
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("PREFECT_API", "MLFLOW_"))}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    command = [sys.executable, "-m", "benchmarks.demo_overhead", "--scale", "smoke", "--services", "running"]
+    command += ["--repetitions", "2", "--dvc-root", str(make_dvc_repo(tmp_path / "repo"))]
+    command += ["--out-dir", str(tmp_path / "out"), "--name", "running"]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Starting a Prefect server on 127.0.0.1:" in done.stdout  # one server, started once for both runs
+    assert done.stdout.count("Starting a Prefect server") == 1
+
+    result = json.loads((tmp_path / "out" / "running.json").read_text())
+    assert result["services"] == "running"
+    runs = result["variants"][0]["runs"]
+    assert len(runs) == 2
+    for run in runs:  # each run's own stages only, though both are in one store
+        assert [stage["stage"] for stage in run["stages"]] == ["pretrain", "sft", "dpo", "evaluate", "register"]
+        assert 0 < run["compute_seconds"] < run["stage_run_seconds"] < run["wall_seconds"]
+    text = (tmp_path / "out" / "running.md").read_text()
+    assert "2 runs, each with a fresh stage cache and one MLflow store (made before the first)" in text
