@@ -171,7 +171,7 @@ def markdown(result: dict[str, Any]) -> str:
         "time outside training and generation",
         "",
         f"{result['date']} on {result['cpu']} ({result['cpu_count']} cores), post-train {result['post_train_commit']}; "
-        f"{runs} run{'s' if runs != 1 else ''}, each with a fresh stage cache and "
+        f"{runs} run{'s' if runs != 1 else ''}, each with a fresh stage cache"
         + SERVICES[result.get("services", "fresh")]
         + (", the variants alternating (the order reversed on every other repetition)" if len(variants) > 1 else "")
         + f"; load average {min(result['load_averages']):.2f}–{max(result['load_averages']):.2f} at their starts. "
@@ -205,10 +205,10 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 SERVICES = {
-    "fresh": "MLflow store, starting Prefect's temporary server",
-    "running": "one MLflow store (made before the first) and one Prefect server (`prefect server start`) for all",
+    "fresh": " and MLflow store, starting Prefect's temporary server",
+    "running": ", sharing one MLflow store (made before the first) and one Prefect server (`prefect server start`)",
 }
-"""`--services`: what the runs find, as the result's header says it."""
+"""`--services`: what the runs find, as the result's header says it after "each with a fresh stage cache"."""
 
 
 @contextmanager

@@ -292,4 +292,4 @@ def test_demo_overhead_with_running_services_reads_each_run_from_the_one_store(t
         assert [stage["stage"] for stage in run["stages"]] == ["pretrain", "sft", "dpo", "evaluate", "register"]
         assert 0 < run["compute_seconds"] < run["stage_run_seconds"] < run["wall_seconds"]
     text = (tmp_path / "out" / "running.md").read_text()
-    assert "2 runs, each with a fresh stage cache and one MLflow store (made before the first)" in text
+    assert "2 runs, each with a fresh stage cache, sharing one MLflow store (made before the first) and one" in text
