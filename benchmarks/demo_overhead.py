@@ -163,6 +163,13 @@ def _cell(stats: dict[str, float] | None, form: str = "{:.1f}") -> str:
     return f"{form.format(stats['median'])} ({form.format(stats['min'])}–{form.format(stats['max'])})"
 
 
+SERVICES = {
+    "fresh": " and MLflow store, starting Prefect's temporary server",
+    "running": ", sharing one MLflow store (made before the first) and one Prefect server (`prefect server start`)",
+}
+"""`--services`: what the runs find, as the result's header says it after "each with a fresh stage cache"."""
+
+
 def markdown(result: dict[str, Any]) -> str:
     variants = result["variants"]
     runs = sum(len(variant["runs"]) for variant in variants)
@@ -202,13 +209,6 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-SERVICES = {
-    "fresh": " and MLflow store, starting Prefect's temporary server",
-    "running": ", sharing one MLflow store (made before the first) and one Prefect server (`prefect server start`)",
-}
-"""`--services`: what the runs find, as the result's header says it after "each with a fresh stage cache"."""
 
 
 @contextmanager
