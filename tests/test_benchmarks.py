@@ -15,7 +15,8 @@ from pydantic import BaseModel
 
 from benchmarks.measure import StepMeter
 from benchmarks.report import markdown, model_flops, summarise_group
-from benchmarks.run import Variant, option_label, option_sets, schedule
+from benchmarks.run import Variant, option_label, option_sets, schedule, sft_variants
+from losses import SFT_OBJECTIVES
 from post_train.provenance import git_commit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +72,14 @@ def test_post_train_options_are_benchmarked_only_where_the_config_has_them():
     ]
     assert option_label(WithOptions, sets[1]) == " [padding_free on, fused_logprobs off; defaults]"
     assert option_label(WithOptions, sets[3]) == " [padding_free on, fused_logprobs on]"
+
+
+def test_the_full_tier_compares_every_registered_sft_objective_with_nll():
+    full = [variant for variant in sft_variants(liger=False) if "full" in variant.tiers]
+    compared = {variant.label.split(" [")[0].removeprefix("post-train ") for variant in full if variant.relative_to}
+    assert compared == set(SFT_OBJECTIVES) - {"nll"}
+    (reference,) = {variant.relative_to for variant in full if variant.relative_to}
+    assert reference.startswith("post-train nll [") and reference.endswith("; defaults]")
 
 
 def test_model_flops_are_6n_per_token_plus_the_attention_term():
