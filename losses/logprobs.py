@@ -6,6 +6,8 @@ token positions at a time and upcasts only that chunk; ``fused_target_logprobs``
 and never builds the logits at all.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -95,6 +97,45 @@ def _chunk_logits(rows: Tensor, weight: Tensor, bias: Tensor | None, dtype: torc
     return torch.nn.functional.linear(rows.to(weight.dtype), weight, bias).to(dtype)
 
 
+def _output_layer_backward(
+    ctx,
+    rows: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    counted: Tensor,
+    dtype: torch.dtype,
+    chunk_grad: Callable[[int, int, Tensor], Tensor],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``∂hidden``, ``∂W``, ``∂b`` of ``z = rows W^T + b`` (``rows = hidden[counted]``), chunk by chunk:
+    ``chunk_grad(start, stop, z)`` turns the recomputed fp32 logits of rows ``start:stop`` into ``∂z``, in place."""
+    wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
+    grad_rows = torch.empty_like(rows) if wants_hidden else None
+    # Summed over chunks in the working dtype, so that bf16 weights are rounded once, at the end.
+    grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if wants_weight else None
+    grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if wants_bias else None
+    for start in range(0, rows.shape[0], ctx.chunk_size):
+        stop = start + ctx.chunk_size
+        chunk = rows[start:stop]
+        grad_logits = chunk_grad(start, stop, _chunk_logits(chunk, weight, bias, dtype))
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0)
+        grad_logits = grad_logits.to(weight.dtype)
+        if grad_rows is not None:
+            grad_rows[start:stop] = grad_logits @ weight
+        if grad_weight is not None:
+            grad_weight += grad_logits.T @ chunk.to(weight.dtype)
+        del grad_logits  # before the next chunk's logits exist, so that only one chunk is ever alive
+    grad_hidden = None
+    if grad_rows is not None:
+        grad_hidden = torch.zeros(ctx.hidden_shape, dtype=rows.dtype, device=rows.device)
+        grad_hidden[counted] = grad_rows
+    return (
+        grad_hidden,
+        None if grad_weight is None else grad_weight.to(weight.dtype),
+        None if grad_bias is None else grad_bias.to(bias.dtype),
+    )
+
+
 class _FusedTargetLogProbs(torch.autograd.Function):
     """log_softmax(hidden @ weight.T + bias)[target] without the logits: see ``fused_target_logprobs``."""
 
@@ -126,39 +167,14 @@ class _FusedTargetLogProbs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         rows, weight, bias, row_targets, counted, logsumexp = ctx.saved_tensors
-        wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
-        dtype = logsumexp.dtype
-        row_grad = grad_output[counted].to(dtype)
-        grad_rows = torch.empty_like(rows) if wants_hidden else None
-        # Summed over chunks in the working dtype, so that bf16 weights are rounded once, at the end.
-        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if wants_weight else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if wants_bias else None
-        for start in range(0, rows.shape[0], ctx.chunk_size):
-            stop = start + ctx.chunk_size
-            chunk, grad = rows[start:stop], row_grad[start:stop, None]
-            # d/dz_v [z_y - logsumexp(z)] = 1[v = y] - softmax(z)_v, built in place in the logits' buffer
-            grad_logits = _chunk_logits(chunk, weight, bias, dtype)
-            grad_logits.sub_(logsumexp[start:stop, None]).exp_().mul_(-grad)
-            grad_logits.scatter_add_(1, row_targets[start:stop, None], grad)
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
-            grad_logits = grad_logits.to(weight.dtype)
-            if grad_rows is not None:
-                grad_rows[start:stop] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight += grad_logits.T @ chunk.to(weight.dtype)
-            del grad_logits  # before the next chunk's logits exist, so that only one chunk is ever alive
-        grad_hidden = None
-        if grad_rows is not None:
-            grad_hidden = torch.zeros(ctx.hidden_shape, dtype=rows.dtype, device=rows.device)
-            grad_hidden[counted] = grad_rows
-        return (
-            grad_hidden,
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
-            None,
-            None,
-        )
+        grad = grad_output[counted].to(logsumexp.dtype)[:, None]
+
+        def chunk_grad(start: int, stop: int, logits: Tensor) -> Tensor:
+            # d/dz_v [z_y - logsumexp(z)] = 1[v = y] - softmax(z)_v
+            logits.sub_(logsumexp[start:stop, None]).exp_().mul_(-grad[start:stop])
+            return logits.scatter_add_(1, row_targets[start:stop, None], grad[start:stop])
+
+        return (*_output_layer_backward(ctx, rows, weight, bias, counted, logsumexp.dtype, chunk_grad), None, None)
 
 
 def fused_target_logprobs(
@@ -268,8 +284,8 @@ class _ReferenceKL(torch.autograd.Function):
 def token_reference_kl(logits: Tensor, ref_logits: Tensor, chunk_size: int = CHUNK_SIZE) -> Tensor:
     """``KL(π_ref(·|s) ‖ π_θ(·|s))`` over the whole vocabulary, per position, from both models' logits.
 
-    The unfused counterpart of ``fused_reference_kl``, for models whose output layer cannot be fused
-    (``post_train.modeling.fusable_output_layer``): the logits exist already, and only ``chunk_size``
+    The unfused counterpart of ``fused_target_logprobs_and_reference_kl``'s KL, for models whose output layer
+    cannot be fused (``post_train.modeling.fusable_output_layer``): the logits exist already, and only ``chunk_size``
     positions of them are upcast at once, in forward and in backward; the saved state is the logits
     themselves and two logsumexps per position.
 
@@ -286,8 +302,9 @@ def token_reference_kl(logits: Tensor, ref_logits: Tensor, chunk_size: int = CHU
     return _ReferenceKL.apply(logits, ref_logits.detach(), chunk_size)
 
 
-class _FusedReferenceKL(torch.autograd.Function):
-    """KL(π_ref ‖ π_θ) per counted position from both models' last hidden states: see ``fused_reference_kl``."""
+class _FusedTargetLogProbsAndReferenceKL(torch.autograd.Function):
+    """``log π_θ(y)`` and ``KL(π_ref ‖ π_θ)`` per counted position from both models' last hidden states, one pass
+    over the policy's output layer for both: see ``fused_target_logprobs_and_reference_kl``."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -296,123 +313,109 @@ class _FusedReferenceKL(torch.autograd.Function):
         hidden: Tensor,
         weight: Tensor,
         bias: Tensor | None,
+        targets: Tensor,
         ref_hidden: Tensor,
         ref_weight: Tensor,
         ref_bias: Tensor | None,
-        counted: Tensor,
         chunk_size: int,
-    ) -> Tensor:
-        rows, ref_rows = hidden[counted], ref_hidden[counted]
+    ) -> tuple[Tensor, Tensor]:
+        counted = targets >= 0
+        rows, ref_rows, row_targets = hidden[counted], ref_hidden[counted], targets[counted]
         dtype = torch.promote_types(_working_dtype(weight.dtype), _working_dtype(ref_weight.dtype))
         kl = torch.empty(rows.shape[0], dtype=dtype, device=hidden.device)
-        logsumexp, ref_logsumexp = torch.empty_like(kl), torch.empty_like(kl)
+        logsumexp, ref_logsumexp, target_logits = torch.empty_like(kl), torch.empty_like(kl), torch.empty_like(kl)
         for start in range(0, rows.shape[0], chunk_size):
             stop = start + chunk_size
+            logits = _chunk_logits(rows[start:stop], weight, bias, dtype)
+            target_logits[start:stop] = logits.gather(1, row_targets[start:stop, None]).squeeze(1)
             kl[start:stop], logsumexp[start:stop], ref_logsumexp[start:stop] = _kl_chunk(
-                _chunk_logits(rows[start:stop], weight, bias, dtype),
-                _chunk_logits(ref_rows[start:stop], ref_weight, ref_bias, dtype),
+                logits, _chunk_logits(ref_rows[start:stop], ref_weight, ref_bias, dtype)
             )
-        out = torch.zeros(counted.shape, dtype=dtype, device=hidden.device)
+            del logits
+        logprobs = torch.zeros(counted.shape, dtype=dtype, device=hidden.device)
+        logprobs[counted] = target_logits - logsumexp
+        out = torch.zeros_like(logprobs)
         out[counted] = kl
-        ctx.save_for_backward(rows, weight, bias, ref_rows, ref_weight, ref_bias, counted, logsumexp, ref_logsumexp)
+        ctx.save_for_backward(
+            rows, weight, bias, row_targets, ref_rows, ref_weight, ref_bias, counted, logsumexp, ref_logsumexp
+        )
         ctx.chunk_size = chunk_size
         ctx.hidden_shape = hidden.shape
-        return out
+        return logprobs, out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        rows, weight, bias, ref_rows, ref_weight, ref_bias, counted, logsumexp, ref_logsumexp = ctx.saved_tensors
-        wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
-        dtype = logsumexp.dtype
-        row_grad = grad_output[counted].to(dtype)
-        grad_rows = torch.empty_like(rows) if wants_hidden else None
-        # Summed over chunks in the working dtype, so that bf16 weights are rounded once, at the end.
-        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if wants_weight else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if wants_bias else None
-        for start in range(0, rows.shape[0], ctx.chunk_size):
-            stop = start + ctx.chunk_size
-            chunk = rows[start:stop]
-            grad_logits = _kl_chunk_grad(
-                _chunk_logits(chunk, weight, bias, dtype),
-                _chunk_logits(ref_rows[start:stop], ref_weight, ref_bias, dtype),
-                logsumexp[start:stop],
-                ref_logsumexp[start:stop],
-                row_grad[start:stop],
-            )
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
-            grad_logits = grad_logits.to(weight.dtype)
-            if grad_rows is not None:
-                grad_rows[start:stop] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight += grad_logits.T @ chunk.to(weight.dtype)
-            del grad_logits  # before the next chunk's logits exist, so that only one chunk pair is ever alive
-        grad_hidden = None
-        if grad_rows is not None:
-            grad_hidden = torch.zeros(ctx.hidden_shape, dtype=rows.dtype, device=rows.device)
-            grad_hidden[counted] = grad_rows
-        return (
-            grad_hidden,
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
+    def backward(ctx, grad_logprobs: Tensor, grad_kl: Tensor) -> tuple[Tensor | None, ...]:
+        rows, weight, bias, row_targets, ref_rows, ref_weight, ref_bias, counted, logsumexp, ref_logsumexp = (
+            ctx.saved_tensors
         )
+        dtype = logsumexp.dtype
+        g_logprob, g_kl = grad_logprobs[counted].to(dtype)[:, None], grad_kl[counted].to(dtype)[:, None]
+
+        def chunk_grad(start: int, stop: int, logits: Tensor) -> Tensor:
+            # g_ℓ (onehot(y) - q) + g_K (q - p) = (g_K - g_ℓ) q - g_K p + g_ℓ onehot(y)
+            probs = logits.sub_(logsumexp[start:stop, None]).exp_()
+            ref_probs = _chunk_logits(ref_rows[start:stop], ref_weight, ref_bias, dtype)
+            ref_probs.sub_(ref_logsumexp[start:stop, None]).exp_().mul_(g_kl[start:stop])
+            probs.mul_(g_kl[start:stop] - g_logprob[start:stop]).sub_(ref_probs)
+            return probs.scatter_add_(1, row_targets[start:stop, None], g_logprob[start:stop])
+
+        grads = _output_layer_backward(ctx, rows, weight, bias, counted, dtype, chunk_grad)
+        return (*grads, None, None, None, None, None)
 
 
-def fused_reference_kl(
+def fused_target_logprobs_and_reference_kl(
     hidden: Tensor,
     weight: Tensor,
+    targets: Tensor,
     ref_hidden: Tensor,
     ref_weight: Tensor,
-    counted: Tensor | None = None,
     bias: Tensor | None = None,
     ref_bias: Tensor | None = None,
     chunk_size: int = CHUNK_SIZE,
-) -> Tensor:
-    """``K_t = KL(π_ref(·|s_t) ‖ π_θ(·|s_t))`` over the whole vocabulary from both models' last hidden states.
+) -> tuple[Tensor, Tensor]:
+    """``ℓ_t = log π_θ(y_t|s_t)`` and ``K_t = KL(π_ref(·|s_t) ‖ π_θ(·|s_t))`` over the whole vocabulary, both from
+    the last hidden states, in one pass over the policy's output layer.
 
-    ``π_θ = softmax(h W^T + b)``, ``π_ref = softmax(h_ref W_ref^T + b_ref)``: anchored SFT's term (arXiv
-    2509.23753), which needs the reference's full next-token distribution at every counted position. As in
+    ``π_θ = softmax(h W^T + b)``, ``π_ref = softmax(h_ref W_ref^T + b_ref)``: anchored SFT (arXiv 2509.23753)
+    needs ``ℓ_t`` and the reference's full next-token distribution at every counted position. As in
     ``fused_target_logprobs``, neither model's ``[N, V]`` logits are ever held: forward takes ``chunk_size``
-    positions at a time, builds both chunks of logits, and keeps ``K`` and the two logsumexps per position;
-    backward recomputes both chunks and, with ``G = g · (softmax(z) - softmax(z_ref))`` (``∂K/∂z_v = q_v - p_v``),
-    accumulates ``∂h = G W``, ``∂W += G^T h`` and ``∂b += Σ G``. The reference gets no gradient.
+    positions at a time, builds both chunks of logits, and keeps ``z_y``, ``K`` and the two logsumexps per
+    position; backward recomputes both chunks and, with the upstream gradients ``g_ℓ`` and ``g_K``,
+    ``G = g_ℓ (onehot(y) - q) + g_K (q - p)`` (``q = softmax(z)``, ``p = softmax(z_ref)``; ``∂K/∂z_v = q_v - p_v``),
+    accumulates ``∂h = G W``, ``∂W += G^T h`` and ``∂b += Σ G``. The reference gets no gradient. One op for both
+    halves the policy's output-layer matmuls of ``fused_target_logprobs`` followed by a separate KL pass
+    (6 ``[chunk, V]`` products per chunk instead of 10).
 
     Memory: the saved state is the counted rows of both hidden states (``N·(H + H_ref)``), references to both
-    weights and two logsumexps per position; the working set is one chunk of each model's fp32 logits (plus
+    weights and three numbers per position; the working set is one chunk of each model's fp32 logits (plus
     one transient chunk inside a logsumexp), i.e. ``O(chunk_size · V)`` whatever ``N``, plus, in backward, an
     fp32 ``[V, H]`` accumulator for ``∂W``. Positions that do not count are dropped before the matmuls.
 
     Args:
-        hidden: ``[..., H]`` the policy's last hidden states (after the final norm).
+        hidden: ``[..., H]`` the policy's last hidden states (after the final norm), aligned with ``targets``.
         weight: ``[V, H]`` the policy's output projection.
+        targets: ``[...]`` long token ids; negative ids (HF's ``-100``) do not count: both outputs are 0 there,
+            with no gradient.
         ref_hidden: ``[..., H_ref]`` the reference's last hidden states at the same positions (computed without
             gradient; none flows to them).
         ref_weight: ``[V, H_ref]`` the reference's output projection.
-        counted: ``[...]`` bool, the positions that count (default: all). The others get 0 and no gradient.
         bias, ref_bias: optional ``[V]`` output biases.
         chunk_size: positions whose logits exist at once, in forward and in backward.
 
     Returns:
-        ``[...]`` in at least fp32, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+        ``(ℓ, K)``, each ``[...]`` in at least fp32 and differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
     _check_chunk_size(chunk_size)
-    if counted is None:
-        counted = torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
-    return _FusedReferenceKL.apply(
+    return _FusedTargetLogProbsAndReferenceKL.apply(
         hidden,
         weight,
         bias,
+        targets,
         ref_hidden.detach(),
         ref_weight.detach(),
         None if ref_bias is None else ref_bias.detach(),
-        counted.bool(),
         chunk_size,
     )
 

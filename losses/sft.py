@@ -14,8 +14,9 @@ An objective that also anchors the whole next-token distribution (``needs_ref_di
 e.g. ``asft``) reads ``K_t = KL(π_ref(·|s_t) ‖ π_θ(·|s_t))`` over the vocabulary, which is not a
 function of ``ℓ_t``: its gradient is ``-(1/N) Σ_t m_t w_t ∇ℓ_t + (1/N) Σ_t m_t a_t ∇K_t`` with a
 detached coefficient ``a_t ≥ 0`` that the function returns as a third tensor, and the surrogate
-gains ``+(1/N) Σ m_t a_t K_t``. ``K_t`` comes differentiable from ``losses.fused_reference_kl``
-(or ``token_reference_kl``), computed chunk by chunk without ``[N, V]`` logits.
+gains ``+(1/N) Σ m_t a_t K_t``. ``K_t`` comes differentiable from
+``losses.fused_target_logprobs_and_reference_kl`` (with ``ℓ_t``, from the same pass over the output layer) or
+``token_reference_kl``, computed chunk by chunk without ``[N, V]`` logits.
 
 Adding an objective is one function below plus one entry in ``SFT_OBJECTIVES``.
 """
@@ -210,8 +211,8 @@ class SFTObjective:
         """Apply the objective to ``[B, T]`` target log-probs on the ``[B, T]`` bool ``mask``.
 
         ``ref_kl`` (objectives with ``needs_ref_distribution``) is ``[B, T]`` ``KL(π_ref ‖ π_θ)`` per
-        position, differentiable w.r.t. the policy (``losses.fused_reference_kl``); its gradient enters
-        the loss's. ``num_tokens`` is ``N`` in the token mean, ``mask.sum()`` by default. With gradient
+        position, differentiable w.r.t. the policy (``losses.fused_target_logprobs_and_reference_kl``); its
+        gradient enters the loss's. ``num_tokens`` is ``N`` in the token mean, ``mask.sum()`` by default. With gradient
         accumulation pass the token count of the whole accumulated batch, so that the
         micro-batch losses sum to the batch's loss. An empty mask gives loss 0.
         Off-mask positions may hold anything (even ``-inf``): they are never read.

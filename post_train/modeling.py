@@ -7,7 +7,13 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from losses import fused_reference_kl, fused_target_logprobs, token_entropy_and_kl, token_logprobs, token_reference_kl
+from losses import (
+    fused_target_logprobs,
+    fused_target_logprobs_and_reference_kl,
+    token_entropy_and_kl,
+    token_logprobs,
+    token_reference_kl,
+)
 
 
 def load_tokenizer(name_or_path: str, chat_template: str | None = None) -> PreTrainedTokenizerBase:
@@ -215,7 +221,8 @@ def target_logprobs_and_reference_kl(
 
     `reference` (a frozen model with the same vocabulary) runs on the batch without gradient. Fused (where
     `fusable_output_layer` allows it for both models) the KL comes from both last hidden states chunk by
-    chunk (`losses.fused_reference_kl`), neither model's logits ever held; otherwise from both output
+    chunk, with the log-probs in the same pass (`losses.fused_target_logprobs_and_reference_kl`), neither model's
+    logits ever held; otherwise from both output
     layers' logits at the counted positions (`losses.token_reference_kl`). Returns (log-probs, KL, mask).
     """
     return _scored(model, reference, batch, fused)
@@ -234,16 +241,16 @@ def _scored(
     targets = batch["input_ids"][:, 1:][mask]
     head = fusable_output_layer(model) if fused else None
     ref_head = fusable_output_layer(reference) if head is not None and reference is not None else None
-    kl = None
-    if head is not None and (reference is None or ref_head is not None):
+    counted_kl = None
+    if head is not None and reference is None:
+        counted = fused_target_logprobs(_last_hidden(model, batch)[mask], head.weight, targets, bias=head.bias)
+    elif head is not None and ref_head is not None:
         hidden = _last_hidden(model, batch)
-        counted = fused_target_logprobs(hidden[mask], head.weight, targets, bias=head.bias)
-        if reference is not None:
-            with torch.no_grad():
-                ref_hidden = _last_hidden(reference, batch)
-            kl = fused_reference_kl(
-                hidden, head.weight, ref_hidden, ref_head.weight, mask, bias=head.bias, ref_bias=ref_head.bias
-            )
+        with torch.no_grad():
+            ref_hidden = _last_hidden(reference, batch)
+        counted, counted_kl = fused_target_logprobs_and_reference_kl(
+            hidden[mask], head.weight, targets, ref_hidden[mask], ref_head.weight, head.bias, ref_head.bias
+        )
     else:
         keep = torch.nn.functional.pad(mask, (0, 1))  # position t predicts token t + 1
         logits = model(**model_inputs(batch), logits_to_keep=keep).logits
@@ -252,10 +259,13 @@ def _scored(
         if reference is not None:
             with torch.no_grad():
                 ref_logits = reference(**model_inputs(batch), logits_to_keep=keep).logits
-            kl = torch.zeros(mask.shape, dtype=counted.dtype, device=counted.device)
-            kl[mask] = token_reference_kl(logits, ref_logits.reshape(-1, ref_logits.shape[-1]))
+            counted_kl = token_reference_kl(logits, ref_logits.reshape(-1, ref_logits.shape[-1]))
     logps = torch.zeros(mask.shape, dtype=counted.dtype, device=counted.device)
     logps[mask] = counted
+    if counted_kl is None:
+        return logps, None, mask
+    kl = torch.zeros_like(logps)
+    kl[mask] = counted_kl
     return logps, kl, mask
 
 

@@ -20,8 +20,7 @@ from losses import (
     PREFERENCE_LOSSES,
     SFT_OBJECTIVES,
     PairLogps,
-    fused_reference_kl,
-    fused_target_logprobs,
+    fused_target_logprobs_and_reference_kl,
     preference_loss,
     preference_metrics,
     sft_objective,
@@ -893,8 +892,8 @@ def test_entropy_without_reference_and_in_low_precision():
 
 
 def kl_problem(seed: int, shape=(3, 5), hidden_size=7, ref_hidden_size=6, vocab=11, dtype=F64, masked=4):
-    """Policy ``hidden``/``weight``/``bias``, a reference with its own hidden size, and ``counted`` with ``masked``
-    positions that do not count."""
+    """Policy ``hidden``/``weight``/``bias``, a reference with its own hidden size, ``counted`` with ``masked``
+    positions that do not count, and ``targets``: a token id at each counted position, -100 elsewhere."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*size: int) -> torch.Tensor:
@@ -910,6 +909,7 @@ def kl_problem(seed: int, shape=(3, 5), hidden_size=7, ref_hidden_size=6, vocab=
         "ref_weight": randn(vocab, ref_hidden_size),
         "ref_bias": randn(vocab),
         "counted": counted,
+        "targets": torch.randint(0, vocab, shape, generator=gen).masked_fill(~counted, -100),
     }
 
 
@@ -920,34 +920,44 @@ def full_vocabulary_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.
 
 
 def kl_leaves(problem: dict, with_bias: bool = True) -> dict:
-    leaves = {key: value.clone().requires_grad_(key != "counted") for key, value in problem.items()}
+    leaves = {key: value.clone().requires_grad_(value.is_floating_point()) for key, value in problem.items()}
     if not with_bias:
         leaves["bias"] = leaves["ref_bias"] = None
     return leaves
 
 
-def fused_kl_of(leaves: dict, chunk_size: int) -> torch.Tensor:
-    return fused_reference_kl(
+def fused_of(leaves: dict, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return fused_target_logprobs_and_reference_kl(
         leaves["hidden"],
         leaves["weight"],
+        leaves["targets"],
         leaves["ref_hidden"],
         leaves["ref_weight"],
-        leaves["counted"],
         bias=leaves["bias"],
         ref_bias=leaves["ref_bias"],
         chunk_size=chunk_size,
     )
 
 
-def plain_kl_of(leaves: dict) -> torch.Tensor:
+def fused_kl_of(leaves: dict, chunk_size: int) -> torch.Tensor:
+    return fused_of(leaves, chunk_size)[1]
+
+
+def plain_of(leaves: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target log-probs and the KL from the whole ``[..., V]`` logits of both models."""
+
     def logits(hidden, weight, bias):
         return hidden @ weight.T + (0 if bias is None else bias)
 
-    kl = full_vocabulary_kl(
-        logits(leaves["hidden"], leaves["weight"], leaves["bias"]),
-        logits(leaves["ref_hidden"], leaves["ref_weight"], leaves["ref_bias"]).detach(),
-    )
-    return kl * leaves["counted"]
+    policy_logits = logits(leaves["hidden"], leaves["weight"], leaves["bias"])
+    kl = full_vocabulary_kl(policy_logits, logits(leaves["ref_hidden"], leaves["ref_weight"], leaves["ref_bias"]))
+    counted = leaves["counted"]
+    logps = torch.log_softmax(policy_logits, -1).gather(-1, leaves["targets"].clamp_min(0)[..., None]).squeeze(-1)
+    return logps * counted, kl * counted
+
+
+def plain_kl_of(leaves: dict) -> torch.Tensor:
+    return plain_of(leaves)[1]
 
 
 POLICY_INPUTS = ("hidden", "weight", "bias")
@@ -955,19 +965,24 @@ POLICY_INPUTS = ("hidden", "weight", "bias")
 
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 10, 1024])
-def test_fused_reference_kl_value_and_gradient_match_the_full_vocabulary_kl_in_float64(chunk_size, with_bias):
+def test_fused_logprobs_and_reference_kl_values_and_gradient_match_the_full_vocabulary_path_in_float64(
+    chunk_size, with_bias
+):
     problem = kl_problem(0)
-    upstream = torch.randn(problem["counted"].shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    upstream_logps, upstream_kl = (torch.randn(problem["counted"].shape, dtype=F64, generator=gen) for _ in "lk")
     ours_leaves, plain_leaves = kl_leaves(problem, with_bias), kl_leaves(problem, with_bias)
-    ours = fused_kl_of(ours_leaves, chunk_size)
-    (ours * upstream).sum().backward()
-    plain = plain_kl_of(plain_leaves)
-    (plain * upstream).sum().backward()
+    ours_logps, ours = fused_of(ours_leaves, chunk_size)
+    (ours_logps * upstream_logps + ours * upstream_kl).sum().backward()
+    plain_logps, plain = plain_of(plain_leaves)
+    (plain_logps * upstream_logps + plain * upstream_kl).sum().backward()
 
     counted = problem["counted"]
-    assert ours.shape == counted.shape and ours.dtype == F64
+    assert ours.shape == ours_logps.shape == counted.shape and ours.dtype == ours_logps.dtype == F64
     torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours_logps, plain_logps, rtol=1e-12, atol=1e-12)
     assert (ours[counted] > 0).all() and (ours[~counted] == 0).all()
+    assert (ours_logps[counted] < 0).all() and (ours_logps[~counted] == 0).all()
     for name in POLICY_INPUTS if with_bias else POLICY_INPUTS[:2]:
         torch.testing.assert_close(ours_leaves[name].grad, plain_leaves[name].grad, rtol=1e-12, atol=1e-12)
     assert (ours_leaves["hidden"].grad[~counted] == 0).all() and (ours_leaves["hidden"].grad[counted] != 0).any()
@@ -999,14 +1014,14 @@ def test_reference_kl_of_the_policy_itself_is_zero_with_zero_gradient():
         torch.testing.assert_close(leaves[name].grad, torch.zeros_like(leaves[name].grad), rtol=0, atol=1e-13)
 
 
-def test_fused_reference_kl_gradcheck():
+def test_fused_logprobs_and_reference_kl_gradcheck():
     problem = kl_problem(4, shape=(5,), hidden_size=3, ref_hidden_size=2, vocab=4, masked=1)
     leaves = kl_leaves(problem)
 
-    def kl_of(hidden, weight, bias):
-        return fused_kl_of({**leaves, "hidden": hidden, "weight": weight, "bias": bias}, chunk_size=2)
+    def both_of(hidden, weight, bias):
+        return fused_of({**leaves, "hidden": hidden, "weight": weight, "bias": bias}, chunk_size=2)
 
-    assert torch.autograd.gradcheck(kl_of, tuple(leaves[name] for name in POLICY_INPUTS))
+    assert torch.autograd.gradcheck(both_of, tuple(leaves[name] for name in POLICY_INPUTS))
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 1024])
@@ -1030,8 +1045,10 @@ def test_token_reference_kl_value_and_gradient_match_the_full_vocabulary_kl_in_f
 
 def test_reference_kl_of_bf16_inputs_is_fp32_with_gradients_in_the_inputs_dtypes():
     problem = kl_problem(11, shape=(4, 8), hidden_size=16, ref_hidden_size=16, vocab=200, dtype=torch.bfloat16)
-    ours, reference = kl_leaves(problem), kl_leaves({key: value.float() for key, value in problem.items()})
-    reference["counted"] = problem["counted"]
+    ours = kl_leaves(problem)
+    reference = kl_leaves(
+        {key: value.float() if value.is_floating_point() else value for key, value in problem.items()}
+    )
     kl = fused_kl_of(ours, 5)
     kl.sum().backward()
     expected = plain_kl_of(reference)
@@ -1055,20 +1072,16 @@ def test_reference_kl_chunk_size_must_be_positive():
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 1.5])
 @pytest.mark.parametrize("chunk_size", [2, 1024])
 def test_asft_on_the_fused_path_has_the_gradient_of_the_full_vocabulary_loss(alpha, chunk_size):
-    """The whole contract end to end, in float64: ``asft`` fed by ``fused_target_logprobs`` and
-    ``fused_reference_kl`` against the authors' formulation with full ``[N, V]`` logits,
+    """The whole contract end to end, in float64: ``asft`` fed by ``fused_target_logprobs_and_reference_kl``
+    against the authors' formulation with full ``[N, V]`` logits,
     ``mean_m(sg(p_y) · CE + α · kl_div(log_softmax(z), softmax(z_ref)).sum(-1))``."""
     problem = kl_problem(13)
-    targets = torch.randint(0, 11, problem["counted"].shape, generator=torch.Generator().manual_seed(14))
-    mask = problem["counted"]
+    targets, mask = problem["targets"], problem["counted"]
     objective = sft_objective("asft", alpha=alpha)
 
     ours = kl_leaves(problem)
-    rows = ours["hidden"][mask]
-    logps = torch.zeros(mask.shape, dtype=F64).masked_scatter(
-        mask, fused_target_logprobs(rows, ours["weight"], targets[mask], bias=ours["bias"], chunk_size=chunk_size)
-    )
-    loss = objective(logps, mask, ref_kl=fused_kl_of(ours, chunk_size)).loss
+    logps, ref_kl = fused_of(ours, chunk_size)
+    loss = objective(logps, mask, ref_kl=ref_kl).loss
     loss.backward()
 
     plain = kl_leaves(problem)
@@ -1122,7 +1135,7 @@ def largest_allocation_of(kl_of) -> int:
     return max(event.cpu_memory_usage for event in prof.events())
 
 
-def test_fused_reference_kl_saves_and_allocates_no_position_by_vocabulary_tensor():
+def test_fused_logprobs_and_reference_kl_save_and_allocate_no_position_by_vocabulary_tensor():
     def fused(leaves):
         return fused_kl_of(leaves, KL_CHUNK)
 

@@ -81,7 +81,7 @@ def test_asft_anchor_keeps_the_policy_nearer_the_base_than_dft():
 
 
 @pytest.mark.parametrize("collate", [pad_collate(0), pack_collate], ids=["padded", "packed"])
-def test_reference_kl_of_a_batch_is_the_full_vocabulary_kl_fused_or_not(collate):
+def test_logprobs_and_reference_kl_of_a_batch_are_the_full_vocabulary_ones_fused_or_not(collate):
     model, base = tiny_model().double(), tiny_model(seed=1).double().requires_grad_(False)
     batch = collate(uneven_dataset(5))
     parameters = list(model.parameters())
@@ -89,13 +89,16 @@ def test_reference_kl_of_a_batch_is_the_full_vocabulary_kl_fused_or_not(collate)
     log_q = torch.log_softmax(model(**model_inputs(batch)).logits[:, :-1], -1)
     log_p = torch.log_softmax(base(**model_inputs(batch)).logits[:, :-1], -1)
     expected = (log_p.exp() * (log_p - log_q)).sum(-1) * mask
-    expected_grads = torch.autograd.grad(expected.sum(), parameters)
+    expected_logps = log_q.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1) * mask
+    # Both outputs carry gradient in one step (asft), so the check weighs them together.
+    expected_grads = torch.autograd.grad((expected - 0.3 * expected_logps).sum(), parameters)
     for fused in (False, True):
-        _, kl, same_mask = target_logprobs_and_reference_kl(model, base, batch, fused=fused)
+        logps, kl, same_mask = target_logprobs_and_reference_kl(model, base, batch, fused=fused)
         assert torch.equal(same_mask, mask)
         torch.testing.assert_close(kl.detach(), expected.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(logps.detach(), expected_logps.detach(), rtol=1e-10, atol=1e-12)
         assert bool((kl[mask] > 0).all()) and bool((kl[~mask] == 0).all())
-        for got, want in zip(torch.autograd.grad(kl.sum(), parameters), expected_grads):
+        for got, want in zip(torch.autograd.grad((kl - 0.3 * logps).sum(), parameters), expected_grads):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
