@@ -331,7 +331,7 @@ class _FusedTargetLogProbsAndReferenceKL(torch.autograd.Function):
             kl[start:stop], logsumexp[start:stop], ref_logsumexp[start:stop] = _kl_chunk(
                 logits, _chunk_logits(ref_rows[start:stop], ref_weight, ref_bias, dtype)
             )
-            del logits
+            del logits  # _kl_chunk consumed it; freed before the next chunk's logits exist
         logprobs = torch.zeros(counted.shape, dtype=dtype, device=hidden.device)
         logprobs[counted] = target_logits - logsumexp
         out = torch.zeros_like(logprobs)
