@@ -185,7 +185,8 @@ def generate(spec: Spec) -> dict[str, Any]:
     import torch
 
     from post_train.data import load_dataset_checked
-    from post_train.evaluation import GenerationSettings, generate_responses
+    from post_train.generators.base import GenerationSettings
+    from post_train.generators.in_process import generate_responses
     from post_train.modeling import load_frozen, load_tokenizer
 
     settings = spec["settings"]

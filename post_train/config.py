@@ -28,6 +28,7 @@ from pydantic import (
 
 from post_train.errors import ConfigError
 from post_train.executors import EXECUTORS
+from post_train.generators import GENERATORS
 from post_train.judges import JUDGES, judge_class
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -285,9 +286,10 @@ class EvaluationSettings(StrictModel):
         default="gold",
         description="A name in post_train.judges.JUDGES; the judge's settings are the section `evaluation.<judge>`.",
     )
-    backend: Literal["transformers", "vllm"] = Field(
+    backend: str = Field(
         default="transformers",
-        description="Generation: transformers (batched, KV cache) or vLLM (installed separately, GPU).",
+        description="A name in post_train.generators.GENERATORS: transformers (batched, KV cache, in the stage's "
+        "process) or vllm (installed separately, GPU).",
     )
     max_new_tokens: int = Field(default=32, ge=1)
     temperature: float = Field(default=0.0, ge=0, description="0 means greedy decoding.")
@@ -319,6 +321,13 @@ class EvaluationSettings(StrictModel):
     def _known_judge(cls, value: str) -> str:
         if value not in JUDGES:
             raise ValueError(f"unknown judge {value!r}; known: {', '.join(sorted(JUDGES))}")
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _known_generator(cls, value: str) -> str:
+        if value not in GENERATORS:
+            raise ValueError(f"unknown generation backend {value!r}; known: {', '.join(sorted(GENERATORS))}")
         return value
 
     @model_validator(mode="after")

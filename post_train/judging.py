@@ -15,9 +15,10 @@ import mlflow
 
 from post_train.config import PipelineConfig
 from post_train.data import EvalExample, prompt_text
-from post_train.evaluation import GenerationSettings, generate, split_metrics
+from post_train.evaluation import split_metrics
+from post_train.generators import generator
+from post_train.generators.base import GenerationSettings
 from post_train.judges.base import Verdict
-from post_train.modeling import load_frozen
 from post_train.results import splits_in
 
 
@@ -31,16 +32,10 @@ def generation_settings(config: PipelineConfig) -> GenerationSettings:
 def generate_for(
     config: PipelineConfig, model_path: str, tokenizer, examples: list[EvalExample], model=None
 ) -> list[str]:
-    """The model's responses to every evaluation prompt, with the recipe's backend and sampling settings."""
-    if config.evaluation.backend == "transformers" and model is None:
-        model = load_frozen(model_path)
-    return generate(
-        config.evaluation.backend,
-        model_path,
-        tokenizer,
-        [e.prompt for e in examples],
-        generation_settings(config),
-        model,
+    """The model's responses to every evaluation prompt, with the recipe's generator and sampling settings (`model`:
+    what the generator's `model(model_path)` gave, when the caller holds it)."""
+    return generator(config.evaluation.backend).generate(
+        model_path, tokenizer, [e.prompt for e in examples], generation_settings(config), model
     )
 
 

@@ -26,13 +26,13 @@ from post_train.evaluation import (
     entropy_and_kl_of_responses,
     held_out_pairs,
     implicit_reward_diagnostics,
-    import_vllm,
     is_world_prompt,
     native_accuracy,
     native_kl,
     split_means,
     spread,
 )
+from post_train.generators import generator
 from post_train.judges import make_judge
 from post_train.judges.base import Judge
 from post_train.judging import generate_for, judged_metrics, log_samples, plot_win_rates, samples_table
@@ -208,8 +208,8 @@ def run(
     examples = load_dataset_checked(data.eval, "eval")
     world = all(is_world_prompt(e.instruction) for e in examples)
     tokenizer = load_tokenizer(model_path)
-    if settings.backend == "vllm":
-        import_vllm()  # refuse before any work when it is missing
+    generating = generator(settings.backend)
+    generating.check()  # refuse before any work (vLLM missing)
     judge: Judge = make_judge(settings, config.cache_dir)
     params = {
         "evaluation": settings.model_dump(mode="json"),
@@ -222,7 +222,7 @@ def run(
         judge.check(judge.settings, examples)  # refuse before any work
         with stage_run("evaluate", parent_run_id, params) as run:
             log_dataset(data.eval, "eval", data.hashes["eval"], "evaluation")
-            model = load_frozen(model_path) if settings.backend == "transformers" else None
+            model = generating.model(model_path)
             outputs = generate_for(config, model_path, tokenizer, examples, model)
             references = [e.reference for e in examples]
             verdicts = judge.judge([e.messages for e in examples], outputs, references)
@@ -241,8 +241,7 @@ def run(
                         metrics[f"{key}/{split}"] = mean
             metrics.update(judge.extra_metrics(examples, verdicts))
             if settings.diagnostics and (world or reference_model_path or base_model_path):
-                transformers = settings.backend == "transformers"
-                sft = load_frozen(reference_model_path) if reference_model_path and transformers else None
+                sft = generating.model(reference_model_path) if reference_model_path else None
                 if world and reference_model_path:  # vLLM generates before the models below take the GPU
                     metrics.update(sft_gold_rewards(config, reference_model_path, tokenizer, examples, sft, rows))
                 if model is None:

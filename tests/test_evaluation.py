@@ -2,7 +2,9 @@ import math
 
 import pytest
 
-from post_train.evaluation import GenerationSettings, generate_responses, preference, win_rate
+from post_train.evaluation import preference, win_rate
+from post_train.generators.base import GenerationSettings, Generator
+from post_train.generators.in_process import generate_responses
 
 
 def test_preference_is_one_half_zero():
@@ -247,6 +249,65 @@ def test_the_vllm_backend_fails_clearly_when_vllm_is_missing(smoke_stages, tmp_p
         ConfigError, match="evaluation.backend is vllm, but vllm is not installed.*evaluation.backend: transformers"
     ):
         evaluate.run(config, base.path, data, str(tmp_path))
+
+
+class OwnWeightsGenerator(Generator):
+    """Loads the model itself, one prompt at a time, and lends the caller none: the case of vLLM, which cannot run
+    here, through the evaluate stage."""
+
+    generated_for: list[str] = []
+
+    def generate(self, model_path, tokenizer, prompts, settings, model=None):
+        from post_train.modeling import load_frozen
+
+        assert model is None  # it offered none to share
+        self.generated_for.append(model_path)
+        loaded = load_frozen(model_path)
+        return [generate_responses(loaded, tokenizer, [prompt], settings)[0] for prompt in prompts]
+
+
+def test_a_generator_is_one_class_and_one_registry_entry_and_the_stage_treats_all_alike(
+    smoke_stages, tuned_model, mlflow_store, tmp_path, monkeypatch
+):
+    from post_train.config import load_config
+    from post_train.generators import GENERATORS
+    from tasks import evaluate
+
+    config, data, base = smoke_stages
+    tuned_path, _, _ = tuned_model
+    monkeypatch.setitem(GENERATORS, "own_weights", "tests.test_evaluation:OwnWeightsGenerator")
+    OwnWeightsGenerator.generated_for.clear()
+    found = {}
+    for backend in ("transformers", "own_weights"):
+        overrides = {"data.dvc_root": config.data.dvc_root, "cache_dir": config.cache_dir, "runs_dir": config.runs_dir}
+        configured = load_config("lowlr", "smoke", {**overrides, "evaluation.backend": backend})
+        (tmp_path / backend).mkdir()
+        found[backend] = evaluate.run(
+            configured,
+            tuned_path,
+            data,
+            str(tmp_path / backend),
+            reference_model_path=base.path,
+            base_model_path=base.path,
+        ).metrics
+    assert OwnWeightsGenerator.generated_for == [tuned_path, base.path]  # the evaluated model's, then the SFT one's
+    # Greedy text does not depend on the batch, and the diagnostics load what the generator does not lend.
+    assert found["own_weights"] == pytest.approx(found["transformers"], nan_ok=True)
+    assert "sft_gold_reward/all" in found["own_weights"] and "native_accuracy/dpo/all" in found["own_weights"]
+
+
+def test_an_unknown_generation_backend_is_refused_with_the_known_ones():
+    from post_train.config import ConfigError, load_config
+    from post_train.generators import GENERATORS, generator
+
+    assert set(GENERATORS) == {"transformers", "vllm"}
+    assert all(isinstance(generator(name), Generator) for name in GENERATORS)  # vllm's module imports no vllm
+
+    with pytest.raises(ConfigError) as error:
+        load_config("lowlr", "smoke", {"evaluation.backend": "tgi"})
+    assert "evaluation.backend: Value error, unknown generation backend 'tgi'; known: transformers, vllm" in str(
+        error.value
+    )
 
 
 def test_the_gold_judge_refuses_prompts_outside_the_demo_world_before_any_work(smoke_stages, tmp_path):
