@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import types
 import typing
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -34,6 +35,14 @@ from post_train.judges import JUDGES, judge_class
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
 SCALES_DIR = RECIPES_DIR / "scales"
+
+
+def _registered(kind: str, name: str, registry: Collection[str]) -> str:
+    """`name` when `registry` (a plug-in registry: objectives, losses, judges, generators, executors) has it; else
+    the ValueError a field validator raises, naming what is registered in the registry's order."""
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(registry)}")
+    return name
 
 
 class StrictModel(BaseModel):
@@ -226,9 +235,7 @@ class SFTConfig(PromptCompletionConfig):
     def _objective_exists(cls, name: str) -> str:
         from losses import SFT_OBJECTIVES
 
-        if name not in SFT_OBJECTIVES:
-            raise ValueError(f"unknown SFT objective {name!r}; valid: {', '.join(SFT_OBJECTIVES)}")
-        return name
+        return _registered("SFT objective", name, SFT_OBJECTIVES)
 
     @model_validator(mode="after")
     def _objective_params_fit(self) -> "SFTConfig":
@@ -247,9 +254,7 @@ class DPOConfig(PromptCompletionConfig):
     def _loss_exists(cls, name: str) -> str:
         from losses import PREFERENCE_LOSSES
 
-        if name not in PREFERENCE_LOSSES:
-            raise ValueError(f"unknown preference loss {name!r}; valid: {', '.join(PREFERENCE_LOSSES)}")
-        return name
+        return _registered("preference loss", name, PREFERENCE_LOSSES)
 
     @model_validator(mode="after")
     def _loss_params_fit(self) -> "DPOConfig":
@@ -319,16 +324,12 @@ class EvaluationSettings(StrictModel):
     @field_validator("judge")
     @classmethod
     def _known_judge(cls, value: str) -> str:
-        if value not in JUDGES:
-            raise ValueError(f"unknown judge {value!r}; known: {', '.join(sorted(JUDGES))}")
-        return value
+        return _registered("judge", value, JUDGES)
 
     @field_validator("backend")
     @classmethod
     def _known_generator(cls, value: str) -> str:
-        if value not in GENERATORS:
-            raise ValueError(f"unknown generation backend {value!r}; known: {', '.join(sorted(GENERATORS))}")
-        return value
+        return _registered("generation backend", value, GENERATORS)
 
     @model_validator(mode="after")
     def _judge_settings_given(self) -> "EvaluationSettings":
@@ -417,9 +418,7 @@ STAGES = ("pretrain", "sft", "dpo", "joint", "evaluate", "head-to-head")
 
 
 def _known_backend(value: str) -> str:
-    if value not in EXECUTORS:
-        raise ValueError(f"{value!r} is not a backend; expected one of {', '.join(EXECUTORS)}")
-    return value
+    return _registered("backend", value, EXECUTORS)
 
 
 def _accelerate_config_exists(value: str | None) -> str | None:

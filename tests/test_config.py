@@ -31,7 +31,7 @@ def test_overrides_win_over_recipe_and_scale_and_parse_yaml_scalars():
     [
         ({"sft.learnin_rate": 1e-4}, "sft.learnin_rate: Extra inputs are not permitted"),
         ({"sft.learning_rate": -1e-4}, "sft.learning_rate: Input should be greater than 0"),
-        ({"sft.objective": "magic"}, "sft.objective: Value error, unknown SFT objective 'magic'; valid: nll, dft"),
+        ({"sft.objective": "magic"}, "sft.objective: Value error, unknown SFT objective 'magic'; known: nll, dft"),
         ({"sft.objective_params": {"gamma": 1.0}}, "hyperparameter(s) gamma for SFT objective 'nll'"),
         ({"dpo.loss": "nope"}, "dpo.loss: Value error, unknown preference loss 'nope'"),
         ({"base_model.num_heads": 3}, "base_model: Value error, hidden_size"),

@@ -383,7 +383,7 @@ def test_every_registered_judge_owns_its_settings_fingerprint_and_metrics():
 def test_an_unknown_judge_is_refused_with_the_known_ones():
     with pytest.raises(ConfigError) as error:
         load_config("lowlr", "smoke", {"evaluation.judge": "oracle"})
-    assert "evaluation.judge: Value error, unknown judge 'oracle'; known: gold, llm, reward_model" in str(error.value)
+    assert "evaluation.judge: Value error, unknown judge 'oracle'; known: gold, reward_model, llm" in str(error.value)
     with pytest.raises(ConfigError, match="evaluation.oracle"):  # a section of no judge is an unknown key
         load_config("lowlr", "smoke", {"evaluation.oracle.x": 1})
 

@@ -101,7 +101,7 @@ CASES = [
         ("sft.lerning_rate: Extra inputs are not permitted; did you mean sft.learning_rate?",),
         ("sft.lerning_rate=1e-3",),
     ),
-    Case("unknown judge", ("unknown judge 'oracle'; known: gold, llm, reward_model",), ("evaluation.judge=oracle",)),
+    Case("unknown judge", ("unknown judge 'oracle'; known: gold, reward_model, llm",), ("evaluation.judge=oracle",)),
     Case("prompt budget", ("max_prompt_length (96) must be below max_length (96)",), ("sft.max_prompt_length=96",)),
     Case(
         "truncation mode",
