@@ -10,6 +10,7 @@ import mlflow
 
 from post_train.config import PipelineConfig
 from post_train.data import load_dataset_checked
+from post_train.generators import generator
 from post_train.judges import make_judge
 from post_train.judging import generate_for, judged_metrics, log_samples, plot_win_rates, samples_table
 from post_train.modeling import load_tokenizer
@@ -28,6 +29,7 @@ def run(
 ) -> HeadToHead:
     """Win rate of the model at `candidate_path` against the one at `baseline_path` on the evaluation prompts."""
     examples = load_dataset_checked(data.eval, "eval")
+    generator(config.evaluation.backend).check()  # refuse before any work (vLLM missing)
     judge = make_judge(config.evaluation, config.cache_dir)
     judge.check(judge.settings, examples)
     params = {

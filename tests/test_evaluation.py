@@ -221,10 +221,12 @@ def test_evaluate_reports_win_rates_diagnostics_and_artifacts(smoke_stages, tune
     assert system_metric_keys(run) == set()  # only the training stages sample the machine
 
 
-def test_the_vllm_backend_fails_clearly_when_vllm_is_missing(smoke_stages, tmp_path, monkeypatch):
+def test_the_vllm_backend_fails_clearly_when_vllm_is_missing(smoke_stages, mlflow_store, tmp_path, monkeypatch):
     import builtins
 
-    from tasks import evaluate
+    from mlflow import MlflowClient
+
+    from tasks import evaluate, head_to_head
 
     config, data, base = smoke_stages
     config = load_config(
@@ -245,10 +247,17 @@ def test_the_vllm_backend_fails_clearly_when_vllm_is_missing(smoke_stages, tmp_p
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_vllm)
+    output = tmp_path / "outputs"
+    output.mkdir()
     with pytest.raises(
         ConfigError, match="evaluation.backend is vllm, but vllm is not installed.*evaluation.backend: transformers"
     ):
-        evaluate.run(config, base.path, data, str(tmp_path))
+        evaluate.run(config, base.path, data, str(output))
+    with pytest.raises(ConfigError, match="evaluation.backend is vllm, but vllm is not installed"):
+        head_to_head.run(config, base.path, base.path, data, str(output))
+    # Before any work: neither stage wrote a file or started an MLflow run.
+    client = MlflowClient(mlflow_store)
+    assert not any(output.iterdir()) and not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 class OwnWeightsGenerator(Generator):
