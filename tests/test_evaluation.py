@@ -278,7 +278,6 @@ class OwnWeightsGenerator(Generator):
 def test_a_generator_is_one_class_and_one_registry_entry_and_the_stage_treats_all_alike(
     smoke_stages, tuned_model, mlflow_store, tmp_path, monkeypatch
 ):
-    from post_train.config import load_config
     from post_train.generators import GENERATORS
     from tasks import evaluate
 
@@ -305,8 +304,7 @@ def test_a_generator_is_one_class_and_one_registry_entry_and_the_stage_treats_al
     assert "sft_gold_reward/all" in found["own_weights"] and "native_accuracy/dpo/all" in found["own_weights"]
 
 
-def test_an_unknown_generation_backend_is_refused_with_the_known_ones():
-    from post_train.config import ConfigError, load_config
+def test_every_registered_generator_loads_and_an_unknown_one_is_refused_with_the_known_ones():
     from post_train.generators import GENERATORS, generator
 
     assert set(GENERATORS) == {"transformers", "vllm"}

@@ -14,8 +14,9 @@ Entries are import paths, not imports: the stages' code (and so their cache keys
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from post_train.plugins import imported
 
 EXECUTORS: dict[str, str] = {
     "local": "post_train.executors.local:LocalExecutor",
@@ -24,5 +25,4 @@ EXECUTORS: dict[str, str] = {
 
 
 def executor_class(name: str) -> Any:
-    module, _, attribute = EXECUTORS[name].partition(":")
-    return getattr(importlib.import_module(module), attribute)
+    return imported(EXECUTORS[name])

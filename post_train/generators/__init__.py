@@ -7,8 +7,9 @@ generator's code.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from post_train.plugins import imported
 
 GENERATORS: dict[str, str] = {
     "transformers": "post_train.generators.in_process:InProcessGenerator",
@@ -18,5 +19,4 @@ GENERATORS: dict[str, str] = {
 
 def generator(name: str) -> Any:
     """The `Generator` registered as `name`, ready to use."""
-    module, _, attribute = GENERATORS[name].partition(":")
-    return getattr(importlib.import_module(module), attribute)()
+    return imported(GENERATORS[name])()

@@ -11,9 +11,10 @@ and head-to-head should depend on a judge's code.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
+
+from post_train.plugins import imported
 
 JUDGES: dict[str, str] = {
     "gold": "post_train.judges.gold:GoldJudge",
@@ -24,8 +25,7 @@ JUDGES: dict[str, str] = {
 
 def judge_class(name: str) -> Any:
     """The `Judge` subclass registered as `name`."""
-    module, _, attribute = JUDGES[name].partition(":")
-    return getattr(importlib.import_module(module), attribute)
+    return imported(JUDGES[name])
 
 
 def make_judge(evaluation: Any, cache_dir: str | Path) -> Any:
